@@ -1,0 +1,1 @@
+"""Datasets (synthetic shapes, user COCO folders) and the DETR dataset mapper."""
