@@ -15,6 +15,9 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 def _cuda_wanted():
+    """CUDA sources are built with FORCE_CUDA=1, or when nvcc's release equals torch's CUDA version."""
+    import subprocess
+
     import torch
     from torch.utils.cpp_extension import CUDA_HOME
 
@@ -23,15 +26,18 @@ def _cuda_wanted():
     if CUDA_HOME is None or torch.version.cuda is None:
         return False
     try:
-        from torch.utils.cpp_extension import _check_cuda_version  # noqa: F401
-
-        import subprocess
-
         out = subprocess.check_output([os.path.join(CUDA_HOME, "bin", "nvcc"), "--version"], text=True)
-    except Exception:
+    except (OSError, subprocess.CalledProcessError):
         return False
-    major_minor = torch.version.cuda.split(".")[:2]
-    return f"release {'.'.join(major_minor)}" in out
+    release = ".".join(torch.version.cuda.split(".")[:2])
+    if f"release {release}" not in out:
+        print(
+            f"ddetr-d2: nvcc in {CUDA_HOME} is not CUDA {release} (torch's); building the CPU kernel only. "
+            "Set FORCE_CUDA=1 with a matching toolkit to build the CUDA kernel.",
+            file=sys.stderr,
+        )
+        return False
+    return True
 
 
 def get_extensions():
@@ -41,7 +47,8 @@ def get_extensions():
     except ImportError:
         print("ddetr-d2: torch is not installed; skipping the C++/CUDA extension.", file=sys.stderr)
         return []
-    sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")) + glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
+    sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")))
+    sources += sorted(glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
     if not sources:
         return []
     extra_compile_args = {"cxx": ["-O3", "-fopenmp", "-std=c++17"]}
