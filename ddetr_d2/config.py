@@ -1,4 +1,5 @@
 """Config keys of ddetr-d2: ``add_deformable_detr_config(cfg)`` adds them to a Detectron2 config."""
+
 from detectron2.config import CfgNode as CN
 
 __all__ = ["add_deformable_detr_config"]
@@ -41,6 +42,12 @@ def add_deformable_detr_config(cfg):
     _C.DETECTIONS_PER_IMAGE = 100
     # chunk size of the deformable-attention kernel over the batch
     _C.IM2COL_STEP = 64
+    # Batch independence. True: backbone + input projections run per image (grouped by size) so
+    # padding never reaches an image's features, and two-stage never picks padded positions as
+    # proposals; outputs do not depend on the rest of the batch. False: the official behaviour (one
+    # padded batch pass with nearest-resized masks; padded proposals ranked too). Identical for
+    # batches of one image (or of equal-size images).
+    _C.PER_IMAGE_FEATURES = True
 
     # optimizer (used by ddetr_d2/solver.py)
     cfg.SOLVER.OPTIMIZER = "ADAMW"

@@ -1,0 +1,396 @@
+"""Synthetic multi-object tracking videos in MOTChallenge layout.
+
+Each sequence shows flat-coloured shapes (square / circle / triangle = MOT classes 1 / 2 / 3) moving over a
+fixed textured background. Every sequence contains, by construction:
+
+* a **look-alike crossing pair**: two objects with the same shape, colour and size that cross each other at
+  different depths, so the far one is (almost) fully **occluded** for a few frames and the identities can
+  only be kept by motion, not appearance;
+* an **entry** (an object that comes in through the left edge after frame 1) and an **exit** (an object that
+  leaves through the right edge before the last frame);
+* a **speed change** for every object (velocity scaled by 0.3-2.5x and turned by up to 30 degrees once);
+* further random objects (entering from any edge or starting inside).
+
+Ground truth is measured on the rendered pixels: the box is the tight pixel extent of the object's shape
+inside the image (so it is clipped at the border), ``visibility`` = (pixels of the object not covered by
+nearer objects) / (pixels of the object inside the image). Rows exist for every frame in which at least
+``min_pixels`` of the object are inside the image (also while fully occluded: visibility 0, as in MOT17);
+the consider flag is always 1.
+
+Output per sequence: ``<root>/<split>/<name>/{seqinfo.ini, img1/000001.jpg.., gt/gt.txt}``.
+Deterministic: the same (config, seed) gives byte-identical files.
+
+Rendering runs a Numba kernel (:mod:`ddetr_video.numba_kernels`) when numba imports, else the NumPy path.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass
+from typing import Dict, List, Tuple
+
+import numpy as np
+
+from .mot_format import SYNTHETIC_CLASSES, SeqInfo, write_gt_file, write_seqinfo
+from .numba_kernels import render_objects
+
+__all__ = [
+    "CLASS_NAMES",
+    "PALETTE",
+    "SyntheticVideoConfig",
+    "ObjectTrack",
+    "SyntheticVideo",
+    "write_sequence",
+    "generate_split",
+    "generate_dataset",
+]
+
+CLASS_NAMES: Tuple[str, ...] = tuple(SYNTHETIC_CLASSES[i] for i in sorted(SYNTHETIC_CLASSES))
+SQUARE, CIRCLE, TRIANGLE = 0, 1, 2
+PALETTE = np.array(
+    [[230, 60, 60], [60, 200, 60], [70, 90, 240], [240, 200, 40], [200, 70, 220]], dtype=np.uint8
+)
+
+
+@dataclass(frozen=True)
+class SyntheticVideoConfig:
+    num_frames: int = 32
+    width: int = 224
+    height: int = 160
+    num_objects: int = 6  # total identities per sequence (>= 4: the scripted pair, entry, exit)
+    min_size: int = 18
+    max_size: int = 40
+    frame_rate: int = 10
+    min_pixels: int = 8  # an object needs this many pixels inside the image to get a gt row
+    jpeg_quality: int = 95
+
+    def __post_init__(self):
+        if self.num_objects < 4:
+            raise ValueError(
+                f"num_objects must be >= 4 (scripted crossing pair, entry, exit), got {self.num_objects}"
+            )
+        if self.num_frames < 8:
+            raise ValueError(f"num_frames must be >= 8, got {self.num_frames}")
+        if not 4 <= self.min_size <= self.max_size < min(self.width, self.height) // 2:
+            raise ValueError(
+                f"need 4 <= min_size <= max_size < min(width, height) / 2, "
+                f"got {self.min_size}, {self.max_size}"
+            )
+
+
+@dataclass
+class ObjectTrack:
+    """One identity. ``centres``: (T, 2) float64 box centres per frame (row t = frame - 1), NaN if absent."""
+
+    track_id: int  # 1-based MOT id
+    shape: int  # 0 square, 1 circle, 2 triangle (MOT class = shape + 1)
+    colour: Tuple[int, int, int]  # RGB
+    w: float
+    h: float
+    depth: float  # larger = farther; nearer objects are drawn over farther ones
+    centres: np.ndarray
+    role: str = "random"  # "crossing", "entry", "exit" or "random"
+
+
+class SyntheticVideo:
+    """Plans the trajectories of one sequence from ``seed``; :meth:`render` draws a frame on demand."""
+
+    def __init__(self, cfg: SyntheticVideoConfig = SyntheticVideoConfig(), seed: int = 0):
+        self.cfg = cfg
+        self.seed = int(seed)
+        rng = np.random.default_rng(np.random.SeedSequence([0x5EED, self.seed]))
+        self.background = _background(cfg, rng)
+        self.tracks: List[ObjectTrack] = _plan_tracks(cfg, rng)
+        self._gt: np.ndarray | None = None
+
+    # -- rendering -------------------------------------------------------------------------------------------
+    def boxes_at(self, frame: int) -> Tuple[np.ndarray, List[ObjectTrack]]:
+        """(K, 4) float XYWH shape boxes (unclipped) of the objects alive at ``frame`` (1-based), far first"""
+        t = frame - 1
+        alive = [tr for tr in self.tracks if not np.isnan(tr.centres[t, 0])]
+        alive.sort(key=lambda tr: (-tr.depth, tr.track_id))
+        boxes = np.array(
+            [[tr.centres[t, 0] - tr.w / 2, tr.centres[t, 1] - tr.h / 2, tr.w, tr.h] for tr in alive],
+            dtype=np.float64,
+        ).reshape(-1, 4)
+        return boxes, alive
+
+    def render(self, frame: int, backend: str = "auto"):
+        """Draw frame ``frame`` (1-based).
+
+        Returns ``image`` (H, W, 3) uint8 RGB, ``labels`` (H, W) int32 holding the *track id* that owns each
+        pixel (0 = background) and ``rows`` (M, 9) float64 gt rows in MOT column order for this frame.
+        """
+        cfg = self.cfg
+        boxes, alive = self.boxes_at(frame)
+        image = self.background.copy()
+        slot = np.full((cfg.height, cfg.width), -1, dtype=np.int32)
+        shapes = np.array([tr.shape for tr in alive], dtype=np.int64)
+        colours = np.array([tr.colour for tr in alive], dtype=np.uint8).reshape(-1, 3)
+        extents, areas = render_objects(image, slot, boxes, shapes, colours, backend=backend)
+        visible = np.bincount(slot[slot >= 0].ravel(), minlength=len(alive))
+        ids = np.array([0] + [tr.track_id for tr in alive], dtype=np.int32)
+        labels = ids[slot + 1]
+        rows = []
+        for k, tr in enumerate(alive):
+            if areas[k] < cfg.min_pixels:
+                continue
+            x0, y0, x1, y1 = extents[k]
+            vis = visible[k] / areas[k]
+            rows.append([frame, tr.track_id, x0, y0, x1 - x0 + 1, y1 - y0 + 1, 1, tr.shape + 1, vis])
+        rows = np.array(rows, dtype=np.float64).reshape(-1, 9)
+        return image, labels, rows[np.argsort(rows[:, 1], kind="stable")]
+
+    def gt(self) -> np.ndarray:
+        """(N, 9) gt rows of the whole sequence (rendered once, then cached)."""
+        if self._gt is None:
+            self._gt = np.concatenate([self.render(f)[2] for f in range(1, self.cfg.num_frames + 1)], axis=0)
+        return self._gt
+
+
+# ----------------------------------------------------------------------------------------------------
+# planning
+# ----------------------------------------------------------------------------------------------------
+def _background(cfg: SyntheticVideoConfig, rng: np.random.Generator) -> np.ndarray:
+    yy, xx = np.mgrid[0 : cfg.height, 0 : cfg.width].astype(np.float32)
+    base = rng.uniform(70, 150, size=3).astype(np.float32)
+    tilt = rng.uniform(-40, 40, size=(2, 3)).astype(np.float32)
+    img = (
+        base[None, None, :]
+        + (xx / cfg.width)[..., None] * tilt[0][None, None, :]
+        + (yy / cfg.height)[..., None] * tilt[1][None, None, :]
+    )
+    # blocky texture (8x8 cells) + fine noise, both static over the sequence
+    cells = rng.normal(0, 10, size=(cfg.height // 8 + 1, cfg.width // 8 + 1, 1)).astype(np.float32)
+    img += np.repeat(np.repeat(cells, 8, 0), 8, 1)[: cfg.height, : cfg.width]
+    img += rng.normal(0, 4, size=img.shape).astype(np.float32)
+    return np.clip(img, 0, 255).astype(np.uint8)
+
+
+def _integrate(start_pos, vel, start_frame, num_frames, change_frame, factor, turn) -> np.ndarray:
+    """Centres (T, 2) of a constant-velocity path with one speed/direction change; NaN before the start."""
+    c = np.full((num_frames, 2), np.nan)
+    p = np.array(start_pos, dtype=np.float64)
+    v = np.array(vel, dtype=np.float64)
+    rot = np.array([[math.cos(turn), -math.sin(turn)], [math.sin(turn), math.cos(turn)]])
+    for t in range(start_frame - 1, num_frames):
+        if t == change_frame - 1:
+            v = factor * (rot @ v)
+        c[t] = p
+        p = p + v
+    return c
+
+
+def _cut_after_exit(c: np.ndarray, w: float, h: float, cfg: SyntheticVideoConfig) -> np.ndarray:
+    """Once an object has been in the image and then fully left it, it is gone for good (NaN afterwards)."""
+    inside = (
+        (c[:, 0] + w / 2 > 0)
+        & (c[:, 0] - w / 2 < cfg.width)
+        & (c[:, 1] + h / 2 > 0)
+        & (c[:, 1] - h / 2 < cfg.height)
+    )
+    seen = False
+    for t in range(len(c)):
+        if np.isnan(c[t, 0]):
+            continue
+        if inside[t]:
+            seen = True
+        elif seen:
+            c[t:] = np.nan
+            break
+    return c
+
+
+def _plan_tracks(cfg: SyntheticVideoConfig, rng: np.random.Generator) -> List[ObjectTrack]:
+    T, W, H = cfg.num_frames, cfg.width, cfg.height
+    tracks: List[ObjectTrack] = []
+    depths = rng.permutation(cfg.num_objects).astype(np.float64)
+
+    def size():
+        return float(rng.integers(cfg.min_size, cfg.max_size + 1)), float(
+            rng.integers(cfg.min_size, cfg.max_size + 1)
+        )
+
+    def speed_change(start):
+        lo = min(start + 2, T)
+        return int(rng.integers(lo, T + 1)), float(rng.uniform(0.3, 2.5)), float(rng.uniform(-0.5, 0.5))
+
+    # 1-2: look-alike crossing pair (same shape, colour, size) at nearly the same height, meeting mid-video.
+    shape = int(rng.integers(0, 3))
+    colour = tuple(int(x) for x in PALETTE[rng.integers(0, len(PALETTE))])
+    s = float(rng.integers((cfg.min_size + cfg.max_size) // 2, cfg.max_size + 1))
+    y = H / 2 + rng.uniform(-0.1, 0.1) * H
+    meet = T // 2
+    x_left, x_right = 0.15 * W + s / 2, 0.85 * W - s / 2
+    speed = (x_right - x_left) / 2 / (meet - 1)
+    vy = rng.uniform(-0.3, 0.3)  # shared drift: at frame ``meet`` the pair is 1 px apart, the far one hidden
+    for k, (x, vx) in enumerate([(x_left, speed), (x_right, -speed)]):
+        # the speed change comes after the crossing so the crossing itself is guaranteed
+        change = int(rng.integers(min(meet + 3, T), T + 1))
+        c = _integrate((x, y + (k - 0.5)), (vx, vy), 1, T, change, rng.uniform(0.3, 2.5), 0.0)
+        tracks.append(ObjectTrack(k + 1, shape, colour, s, s, float(k), c, "crossing"))
+    depths = depths + 2  # the pair takes depths 0 (near) and 1 (far)
+
+    # 3: entry through the left edge after frame 1.
+    w, h = size()
+    start = int(rng.integers(2, max(3, T // 3)))
+    c = _integrate(
+        (-w / 2 + 2, rng.uniform(0.2, 0.8) * H),
+        (rng.uniform(2.0, 4.0), rng.uniform(-1, 1)),
+        start,
+        T,
+        *speed_change(start),
+    )
+    tracks.append(ObjectTrack(3, int(rng.integers(0, 3)), _colour(rng), w, h, depths[2], c, "entry"))
+
+    # 4: exit through the right edge well before the end: starts inside near the edge, moving right fast
+    # enough to be fully out by ~T/2, and only speeds up at its speed change.
+    w, h = size()
+    vx = (0.3 * W + w) / max(2, T // 2 - 2)
+    change = int(rng.integers(2, max(3, T // 4 + 1)))
+    c = _integrate(
+        (0.7 * W, rng.uniform(0.2, 0.8) * H),
+        (vx, rng.uniform(-0.5, 0.5)),
+        1,
+        T,
+        change,
+        rng.uniform(1.0, 2.0),
+        0.0,
+    )
+    tracks.append(ObjectTrack(4, int(rng.integers(0, 3)), _colour(rng), w, h, depths[3], c, "exit"))
+
+    # 5..: random objects (start inside at frame 1, or enter through a random edge later).
+    for i in range(4, cfg.num_objects):
+        w, h = size()
+        sp = rng.uniform(1.0, 4.0)
+        if rng.random() < 0.5:
+            start = 1
+            pos = (rng.uniform(w, W - w), rng.uniform(h, H - h))
+            ang = rng.uniform(0, 2 * math.pi)
+        else:
+            start = int(rng.integers(1, max(2, T // 2)))
+            edge = int(rng.integers(0, 4))
+            pos = [
+                (-w / 2, rng.uniform(0.1, 0.9) * H),
+                (W + w / 2, rng.uniform(0.1, 0.9) * H),
+                (rng.uniform(0.1, 0.9) * W, -h / 2),
+                (rng.uniform(0.1, 0.9) * W, H + h / 2),
+            ][edge]
+            inward = [0.0, math.pi, math.pi / 2, -math.pi / 2][edge]
+            ang = inward + rng.uniform(-0.6, 0.6)
+        c = _integrate(pos, (sp * math.cos(ang), sp * math.sin(ang)), start, T, *speed_change(start))
+        tracks.append(ObjectTrack(i + 1, int(rng.integers(0, 3)), _colour(rng), w, h, depths[i], c, "random"))
+
+    for tr in tracks:
+        tr.centres = _cut_after_exit(tr.centres, tr.w, tr.h, cfg)
+    return tracks
+
+
+def _colour(rng: np.random.Generator) -> Tuple[int, int, int]:
+    return tuple(int(x) for x in PALETTE[rng.integers(0, len(PALETTE))])
+
+
+# ----------------------------------------------------------------------------------------------------
+# writing
+# ----------------------------------------------------------------------------------------------------
+def write_sequence(split_dir: str, name: str, cfg: SyntheticVideoConfig, seed: int) -> Dict:
+    """Render one sequence into ``<split_dir>/<name>``; returns a small summary dict."""
+    import cv2
+
+    video = SyntheticVideo(cfg, seed)
+    seq_dir = os.path.join(split_dir, name)
+    os.makedirs(os.path.join(seq_dir, "img1"), exist_ok=True)
+    os.makedirs(os.path.join(seq_dir, "gt"), exist_ok=True)
+    rows = []
+    params = [int(cv2.IMWRITE_JPEG_QUALITY), int(cfg.jpeg_quality)]
+    for f in range(1, cfg.num_frames + 1):
+        image, _, r = video.render(f)
+        rows.append(r)
+        ok = cv2.imwrite(os.path.join(seq_dir, "img1", f"{f:06d}.jpg"), image[:, :, ::-1], params)
+        if not ok:
+            raise OSError(f"could not write {os.path.join(seq_dir, 'img1', f'{f:06d}.jpg')}")
+    gt = np.concatenate(rows, 0)
+    video._gt = gt
+    write_gt_file(os.path.join(seq_dir, "gt", "gt.txt"), gt)
+    write_seqinfo(
+        os.path.join(seq_dir, "seqinfo.ini"),
+        SeqInfo(name, "img1", cfg.frame_rate, cfg.num_frames, cfg.width, cfg.height, ".jpg"),
+    )
+    return {"name": name, "seed": seed, "num_rows": int(len(gt)), "num_ids": int(len(np.unique(gt[:, 1])))}
+
+
+def generate_split(
+    root: str, split: str, num_sequences: int, cfg: SyntheticVideoConfig, seed: int
+) -> List[Dict]:
+    """Write ``num_sequences`` sequences named ``SYN-<split>-NN`` into ``<root>/<split>``."""
+    split_dir = os.path.join(root, split)
+    os.makedirs(split_dir, exist_ok=True)
+    out = []
+    for i in range(num_sequences):
+        # distinct, reproducible seed per (split, index)
+        seq_seed = int(np.random.SeedSequence([seed, i, sum(map(ord, split))]).generate_state(1)[0])
+        out.append(write_sequence(split_dir, f"SYN-{split}-{i + 1:02d}", cfg, seq_seed))
+    return out
+
+
+DONE_MARKER = ".complete"
+
+
+def generate_dataset(
+    root: str,
+    splits: Dict[str, int] | None = None,
+    cfg: SyntheticVideoConfig = SyntheticVideoConfig(),
+    seed: int = 0,
+    overwrite: bool = False,
+) -> str:
+    """Generate the whole synthetic MOT set atomically at ``root`` (default splits: train 4, val 2 sequences).
+
+    The data is written into a temporary sibling folder which is renamed to ``root`` at the end, so concurrent
+    callers never see a half-written set; if ``root`` already holds a complete set it is reused.
+    """
+    splits = {"train": 4, "val": 2} if splits is None else dict(splits)
+    root = os.path.abspath(root)
+    recipe = json.dumps({"seed": seed, "splits": splits, "config": asdict(cfg)}, sort_keys=True)
+    marker = os.path.join(root, DONE_MARKER)
+    if os.path.isfile(marker) and not overwrite:
+        _check_recipe(marker, recipe)
+        return root
+    if os.path.exists(root) and not overwrite:
+        raise FileExistsError(
+            f"{root} exists but is not a complete synthetic MOT set (no {DONE_MARKER}); remove it"
+        )
+    parent = os.path.dirname(root)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=os.path.basename(root) + ".tmp-", dir=parent)
+    try:
+        for split, n in splits.items():
+            generate_split(tmp, split, n, cfg, seed)
+        with open(os.path.join(tmp, DONE_MARKER), "w") as f:
+            f.write(recipe + "\n")
+        if overwrite and os.path.exists(root):
+            shutil.rmtree(root)
+        try:
+            os.rename(tmp, root)
+        except OSError:
+            # somebody else finished first: use theirs if it is complete (and made from the same recipe)
+            if not os.path.isfile(marker):
+                raise
+            _check_recipe(marker, recipe)
+    finally:
+        if os.path.exists(tmp):
+            shutil.rmtree(tmp, ignore_errors=True)
+    return root
+
+
+def _check_recipe(marker: str, recipe: str) -> None:
+    with open(marker) as f:
+        found = f.read().strip()
+    if found != recipe:
+        raise ValueError(
+            f"{os.path.dirname(marker)} holds a synthetic MOT set made with a different seed/splits/config:\n"
+            f"  on disk:   {found}\n  requested: {recipe}\nremove the folder or pass overwrite=True"
+        )

@@ -1,0 +1,109 @@
+"""Identity bookkeeping of the runtime tracker: birth, keep, miss, death, duplicates, no resurrection."""
+
+import torch
+
+from ddetr_video.runtime_tracker import RuntimeTracker
+
+
+def _box(x, y, s=10.0):
+    return [x, y, x + s, y + s]
+
+
+def _boxes(*xy):
+    return torch.tensor([_box(x, y) for x, y in xy], dtype=torch.float32).reshape(-1, 4)
+
+
+def _empty():
+    return torch.zeros(0), torch.zeros(0, 4)
+
+
+def test_birth_only_over_threshold_and_ids_increase():
+    tr = RuntimeTracker(birth_threshold=0.5, keep_threshold=0.4, max_age=3, duplicate_iou=0.7)
+    up = tr.update(*_empty(), torch.tensor([0.9, 0.49, 0.6]), _boxes((0, 0), (50, 50), (100, 100)))
+    # births sorted by score: query 0 (0.9) then query 2 (0.6); 0.49 is below the threshold
+    assert up.births.tolist() == [0, 2]
+    assert up.ids.tolist() == [1, 2]
+    assert up.visible.tolist() == [True, True]
+    assert len(tr) == 2
+
+
+def test_keep_miss_and_death_after_max_age():
+    tr = RuntimeTracker(birth_threshold=0.5, keep_threshold=0.4, max_age=2, duplicate_iou=0.7)
+    tr.update(*_empty(), torch.tensor([0.9, 0.8]), _boxes((0, 0), (100, 100)))
+    tb = _boxes((0, 0), (100, 100))
+    no_det = (torch.zeros(0), torch.zeros(0, 4))
+    # frame 2: track 0 kept, track 1 misses once (still alive, not visible)
+    up = tr.update(torch.tensor([0.45, 0.1]), tb, *no_det)
+    assert up.keep.tolist() == [0, 1] and up.ids.tolist() == [1, 2]
+    assert up.visible.tolist() == [True, False]
+    # frame 3: track 1 recovers -> miss counter resets
+    up = tr.update(torch.tensor([0.45, 0.5]), tb, *no_det)
+    assert up.visible.tolist() == [True, True] and tr.misses.tolist() == [0, 0]
+    # frames 4, 5: track 1 misses twice -> dies at the second miss
+    up = tr.update(torch.tensor([0.9, 0.2]), tb, *no_det)
+    assert up.ids.tolist() == [1, 2] and up.dead_ids.numel() == 0
+    up = tr.update(torch.tensor([0.9, 0.3]), tb, *no_det)
+    assert up.keep.tolist() == [0] and up.ids.tolist() == [1] and up.dead_ids.tolist() == [2]
+
+
+def test_duplicate_suppression_against_tracks_and_other_births():
+    tr = RuntimeTracker(birth_threshold=0.5, keep_threshold=0.4, max_age=5, duplicate_iou=0.5)
+    tr.update(*_empty(), torch.tensor([0.9]), _boxes((0, 0)))
+    # det 0 duplicates the live track, det 1 and det 2 duplicate each other (det 2 scores higher)
+    dets = _boxes((1, 0), (60, 60), (61, 60), (200, 200))
+    up = tr.update(torch.tensor([0.8]), _boxes((0, 0)), torch.tensor([0.95, 0.7, 0.8, 0.6]), dets)
+    assert up.births.tolist() == [2, 3]
+    assert up.ids.tolist() == [1, 2, 3]
+    assert len(set(up.ids.tolist())) == len(up.ids)
+
+
+def test_invisible_track_still_suppresses_births():
+    tr = RuntimeTracker(birth_threshold=0.5, keep_threshold=0.4, max_age=5, duplicate_iou=0.5)
+    tr.update(*_empty(), torch.tensor([0.9]), _boxes((0, 0)))
+    up = tr.update(torch.tensor([0.1]), _boxes((0, 0)), torch.tensor([0.9]), _boxes((0, 0)))
+    assert up.births.numel() == 0 and up.visible.tolist() == [False]
+
+
+def test_no_resurrection_and_unique_ids_on_random_streams():
+    g = torch.Generator().manual_seed(0)
+    for trial in range(12):
+        tr = RuntimeTracker(birth_threshold=0.6, keep_threshold=0.4, max_age=1 + trial % 4, duplicate_iou=0.3)
+        seen_dead, max_id = set(), 0
+        misses_ref = {}
+        for _ in range(25):
+            T = len(tr)
+            ids_before = tr.ids.tolist()
+            ts = torch.rand(T, generator=g)
+            tb = torch.rand(T, 2, generator=g) * 200
+            tb = torch.cat([tb, tb + 10], 1)
+            Q = int(torch.randint(0, 6, (1,), generator=g))
+            ds = torch.rand(Q, generator=g)
+            db = torch.rand(Q, 2, generator=g) * 200
+            db = torch.cat([db, db + 10], 1)
+            up = tr.update(ts, tb, ds, db)
+            # independent reference of keep/death from the miss counters
+            exp_keep = []
+            for i, tid in enumerate(ids_before):
+                m = 0 if ts[i] >= 0.4 else misses_ref.get(tid, 0) + 1
+                misses_ref[tid] = m
+                if m < tr.max_age:
+                    exp_keep.append(i)
+            assert up.keep.tolist() == exp_keep
+            ids = up.ids.tolist()
+            assert len(set(ids)) == len(ids), "duplicate ids among live tracks"
+            assert not (set(ids) & seen_dead), "a dead id came back"
+            new = ids[len(exp_keep) :]
+            assert all(n > max_id for n in new), "new ids must be fresh"
+            max_id = max([max_id] + new)
+            seen_dead |= set(up.dead_ids.tolist())
+            assert set(up.dead_ids.tolist()) == set(ids_before) - set(ids)
+
+
+def test_bad_shapes_raise():
+    tr = RuntimeTracker()
+    try:
+        tr.update(torch.zeros(2), torch.zeros(2, 4), torch.zeros(1), torch.zeros(1, 4))
+    except ValueError as e:
+        assert "live tracks" in str(e)
+    else:
+        raise AssertionError("expected ValueError")
