@@ -34,7 +34,7 @@ $(VENV)/.test-deps-stamp: requirements-test.txt $(VENV)/.deps-stamp
 # Editable install; builds ddetr_d2._C (C++ CPU kernel; CUDA too when a matching toolkit exists).
 $(VENV)/.ext-stamp: $(VENV)/.deps-stamp setup.py $(CSRC)
 	$(PIP) install --no-build-isolation --no-deps -e .
-	@$(PY) -c "import ddetr_d2.ops._extension as e; print('ddetr_d2._C:', 'built' if e.available() else 'NOT built (' + e.unavailable_reason() + ')')"
+	@$(PY) -c "import ddetr_d2.ops._extension as e; print('ddetr_d2._C:', 'built' if e.get_extension() else 'NOT built (%s); the pure-PyTorch op will be used' % e.extension_error())"
 	@touch $@
 
 setup: $(VENV)/.deps-stamp $(VENV)/.ext-stamp

@@ -13,9 +13,13 @@
 
 #ifdef __CUDACC__
 #define DDETR_HOST_DEVICE __host__ __device__
-#define DDETR_UNROLL _Pragma("unroll")
 #else
 #define DDETR_HOST_DEVICE
+#endif
+
+#ifdef __CUDA_ARCH__  // device compilation pass only (host compilers warn about the pragma)
+#define DDETR_UNROLL _Pragma("unroll")
+#else
 #define DDETR_UNROLL
 #endif
 

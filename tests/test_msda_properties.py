@@ -21,7 +21,7 @@ level = st.tuples(st.integers(1, 9), st.integers(1, 9))
     N=st.integers(1, 3),
     Q=st.integers(1, 40),
     M=st.integers(1, 4),
-    D=st.integers(1, 20),
+    D=st.one_of(st.integers(1, 20), st.just(32)),
     hw=st.lists(level, min_size=1, max_size=4),
     P=st.integers(1, 5),
     spread=st.sampled_from([0.0, 0.3, 2.0]),

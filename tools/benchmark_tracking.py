@@ -53,6 +53,7 @@ def parse_args(argv=None):
     p.add_argument("--num-val", type=int, default=3, help="synthetic val sequences")
     p.add_argument("--num-frames", type=int, default=40)
     p.add_argument("--weights", default="", help="skip training and load these weights")
+    p.add_argument("--init-weights", default="", help="load these weights, then train (continue a run)")
     p.add_argument("--train-seconds", type=float, default=600.0)
     p.add_argument(
         "--max-iter", type=int, default=0, help="stop training after this many clips (0: time only)"
@@ -188,7 +189,10 @@ def main(argv=None):
         DetectionCheckpointer(model).load(args.weights)
         train_info = {"weights": args.weights}
     else:
+        if args.init_weights:
+            DetectionCheckpointer(model).load(args.init_weights)
         train_info = train(cfg, model, args.train_seconds, args.max_iter, args.output)
+        train_info["init_weights"] = args.init_weights
     model.eval()
     logger.info(f"training: {train_info}")
     seqs = _frames_by_sequence(cfg, val_name)
