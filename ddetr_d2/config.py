@@ -68,4 +68,9 @@ def add_deformable_detr_config(cfg):
     cfg.MODEL.RESNETS.STRIDE_IN_1X1 = False
     cfg.MODEL.BACKBONE.FREEZE_AT = 2
     cfg.MODEL.RESNETS.OUT_FEATURES = ["res3", "res4", "res5"]
+
+    # dataset mapper keys (cfg.INPUT.DETR_*)
+    from .data.dataset_mapper import add_dataset_mapper_config
+
+    add_dataset_mapper_config(cfg)
     return cfg

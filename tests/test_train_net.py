@@ -71,7 +71,7 @@ def _check_ap(out_dir, dataset="tiny_val"):
     res = json.load(open(os.path.join(out_dir, "eval_results.json")))
     bbox = res[dataset]["bbox"]
     assert {"AP", "AP50", "AP75", "APs", "APm", "APl"} <= set(bbox)
-    assert all(v != v or 0.0 <= v <= 100.0 for v in bbox.values())  # NaN allowed for empty size ranges
+    assert all(v is None or 0.0 <= v <= 100.0 for v in bbox.values())  # null: empty size range
     return bbox
 
 

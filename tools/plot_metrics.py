@@ -46,7 +46,7 @@ def plot(rows, out_file, keys=None):
         pts = [(r["iteration"], r[k]) for r in loss_rows if k in r]
         if pts:
             ax.plot(*zip(*pts), label=k)
-    ax.set_ylabel("loss (last layer + aux, weighted)")
+    ax.set_ylabel("weighted loss")
     ax.set_yscale("log")
     ax.legend()
     ax.grid(alpha=0.3)

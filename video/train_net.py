@@ -13,16 +13,16 @@ sequence frame by frame in order (batch 1) and scores it with ``ddetr_video.eval
 import logging
 import os
 
-from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.data import build_detection_test_loader, build_detection_train_loader
-from detectron2.engine import DefaultTrainer, default_argument_parser, default_setup, launch
+from detectron2.engine import default_argument_parser, default_setup
 from detectron2.evaluation import verify_results
 from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
 import ddetr_video  # noqa: F401  (registers the meta-architecture and datasets)
+from ddetr_d2.checkpoint import AtomicDetectionCheckpointer
 from ddetr_d2.data.dataset_mapper import DetrDatasetMapper
-from ddetr_d2.solver import build_optimizer
+from ddetr_d2.engine import DeformableDetrTrainer, is_cpu, launch_processes
 from ddetr_video.clip_mapper import ClipDatasetMapper
 from ddetr_video.config import get_tracker_cfg
 from ddetr_video.datasets import register_all
@@ -30,12 +30,8 @@ from ddetr_video.datasets import register_all
 logger = logging.getLogger("ddetr_video")
 
 
-class TrackerTrainer(DefaultTrainer):
-    """DefaultTrainer with clip loading, the Deformable DETR optimizer and MOT evaluation."""
-
-    @classmethod
-    def build_optimizer(cls, cfg, model):
-        return build_optimizer(cfg, model)
+class TrackerTrainer(DeformableDetrTrainer):
+    """The detector trainer (optimizer, atomic checkpoints, CPU DDP) with clips and MOT evaluation."""
 
     @classmethod
     def build_train_loader(cls, cfg):
@@ -68,7 +64,7 @@ def main(args):
     cfg = setup(args)
     if args.eval_only:
         model = TrackerTrainer.build_model(cfg)
-        DetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(
+        AtomicDetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(
             cfg.MODEL.WEIGHTS, resume=args.resume
         )
         res = TrackerTrainer.test(cfg, model)
@@ -82,11 +78,4 @@ def main(args):
 
 if __name__ == "__main__":
     args = default_argument_parser().parse_args()
-    launch(
-        main,
-        args.num_gpus,
-        num_machines=args.num_machines,
-        machine_rank=args.machine_rank,
-        dist_url=args.dist_url,
-        args=(args,),
-    )
+    launch_processes(main, args, cpu=is_cpu(get_tracker_cfg(args.config_file, args.opts)))

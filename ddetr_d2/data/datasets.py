@@ -48,7 +48,7 @@ def synthetic_root() -> str:
     """Cache folder of the synthetic splits (versioned so a changed generator regenerates)."""
     base = os.environ.get("DDETR_DATASETS")
     base = os.path.join(base, "synthetic_shapes") if base else os.path.join("datasets", "synthetic_shapes")
-    return os.path.join(os.path.abspath(base), f"v{FORMAT_VERSION}")
+    return os.path.join(os.path.abspath(base), f"v{FORMAT_VERSION}-{SYNTHETIC_IMAGE_SIZE}px")
 
 
 @contextlib.contextmanager

@@ -21,13 +21,7 @@ logger = logging.getLogger(__name__)
 
 
 def _add_optional_keys(cfg):
-    """Keys of the other parts, so their configs (and dumped training configs) load here too."""
-    try:  # the training mapper's INPUT.DETR_* keys
-        from ddetr_d2.data.dataset_mapper import add_dataset_mapper_config
-    except ImportError:
-        pass
-    else:
-        add_dataset_mapper_config(cfg)
+    """The video add-on's keys, so tracker configs load here too (the detector's are always added)."""
     try:  # the video add-on's MODEL.TRACKER.* keys (for --track configs)
         from ddetr_video.config import add_tracker_config
     except ImportError:

@@ -1,4 +1,5 @@
 """ddetr_video: query-propagation multi-object tracking on Deformable DETR (Detectron2 project)."""
+
 try:  # the model half needs detectron2; the data / metric modules work without it
     import detectron2  # noqa: F401
 except ImportError:

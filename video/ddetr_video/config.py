@@ -41,12 +41,6 @@ def get_tracker_cfg(config_file=None, opts=()):
 
     cfg = get_cfg()
     add_deformable_detr_config(cfg)
-    try:  # the training helper's mapper keys (INPUT.DETR_CROP_RESIZE), when present
-        from ddetr_d2.data.dataset_mapper import add_dataset_mapper_config
-
-        add_dataset_mapper_config(cfg)
-    except ImportError:
-        pass
     add_tracker_config(cfg)
     if config_file:
         cfg.merge_from_file(config_file)
