@@ -29,13 +29,7 @@ TOOL = os.path.join(REPO, "tools", "convert_weights.py")
 VARIANTS = {"plain": (False, False), "box_refine": (True, False), "two_stage": (True, True)}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models: one intra-op thread is faster, and much faster on a loaded machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _cfg(refine=False, two_stage=False, num_classes=80, dec_layers=2):

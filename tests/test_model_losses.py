@@ -9,13 +9,7 @@ from torchvision.ops import sigmoid_focal_loss as tv_focal
 
 from ddetr_d2.modeling import HungarianMatcher, PositionEmbeddingSine, SetCriterion, sigmoid_focal_loss
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def random_boxes(n, gen):

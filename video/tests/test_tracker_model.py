@@ -22,13 +22,7 @@ CONFIG = os.path.join(os.path.dirname(__file__), "..", "configs", "synthetic_tin
 SMALL = SyntheticVideoConfig(num_frames=8, width=96, height=64, min_size=10, max_size=20, num_objects=4)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # OpenMP threads spin on a busy shared CPU: one thread is many times faster here
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
