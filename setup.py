@@ -134,7 +134,8 @@ setup(
     ],
     extras_require={
         "d2": ["sal-detectron2==0.7.2"],
-        "test": ["pytest>=8,<9", "hypothesis>=6.100", "ruff>=0.6", "transformers>=4.40,<5", "timm>=1.0"],
+        "test": ["pytest>=8,<9", "hypothesis>=6.100", "ruff>=0.6", "transformers>=4.40,<5", "timm>=1.0",
+                 "onnx>=1.16,<1.20", "onnxruntime>=1.18,<1.24"],
     },
     ext_modules=get_extensions(),
     cmdclass=get_cmdclass(),
