@@ -13,7 +13,7 @@ def pytest_collection_modifyitems(config, items):
         return
     skip_cuda = pytest.mark.skip(reason="needs a CUDA GPU: torch.cuda.is_available() is False here")
     for item in items:
-        if "cuda" in item.keywords:
+        if item.get_closest_marker("cuda") is not None:
             item.add_marker(skip_cuda)
 
 
