@@ -1,33 +1,13 @@
 """Deformable DETR meta-architecture on the tiny config: training losses, gradients, inference outputs."""
 
-import os
 
 import pytest
 import torch
-from detectron2.config import get_cfg
 from detectron2.modeling import build_model
 from detectron2.structures import Boxes, Instances
-
-from ddetr_d2.config import add_deformable_detr_config
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-VARIANTS = {
-    "plain": {},
-    "refine": {"WITH_BOX_REFINE": True},
-    "two_stage": {"WITH_BOX_REFINE": True, "TWO_STAGE": True},
-}
-
+from model_testing import VARIANTS, tiny_cfg
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
-
-
-def tiny_cfg(**overrides):
-    cfg = get_cfg()
-    add_deformable_detr_config(cfg)
-    cfg.merge_from_file(os.path.join(ROOT, "configs", "tiny_test.yaml"))
-    for k, v in overrides.items():
-        setattr(cfg.MODEL.DEFORMABLE_DETR, k, v)
-    return cfg
 
 
 def make_inputs(sizes, n_boxes, gen, num_classes=80):

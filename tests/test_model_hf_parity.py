@@ -4,26 +4,18 @@ official checkpoints' logits) loaded with our weights gives the same outputs as 
 Both run on the features of our Detectron2 backbone (HF's backbone is replaced by a stub).
 """
 
-import os
 import re
 
 import pytest
 import torch
-from detectron2.config import get_cfg
 from detectron2.modeling import build_model
+from model_testing import VARIANTS, tiny_cfg
 from torch import nn
 
-from ddetr_d2.config import add_deformable_detr_config
 from ddetr_d2.modeling.backbone import image_padding_mask, interpolate_mask
 
 transformers = pytest.importorskip("transformers")
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-VARIANTS = {
-    "plain": {},
-    "refine": {"WITH_BOX_REFINE": True},
-    "two_stage": {"WITH_BOX_REFINE": True, "TWO_STAGE": True},
-}
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -104,14 +96,8 @@ def _hf_model(cfg, ours_sd):
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_outputs_match_hf_transformers(variant):
-    cfg = get_cfg()
-    add_deformable_detr_config(cfg)
-    cfg.merge_from_file(os.path.join(ROOT, "configs", "tiny_test.yaml"))
-    cfg.MODEL.DEFORMABLE_DETR.DEC_LAYERS = 2
     # official behaviour: one padded-batch pass, padded two-stage proposals ranked too
-    cfg.MODEL.DEFORMABLE_DETR.PER_IMAGE_FEATURES = False
-    for k, v in VARIANTS[variant].items():
-        setattr(cfg.MODEL.DEFORMABLE_DETR, k, v)
+    cfg = tiny_cfg(DEC_LAYERS=2, PER_IMAGE_FEATURES=False, **VARIANTS[variant])
     torch.manual_seed(0)
     ours = build_model(cfg).eval()
     # randomise everything so that zero-initialised parts do not hide mistakes

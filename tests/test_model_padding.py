@@ -1,34 +1,19 @@
 """Padding masks: an image's outputs do not depend on the padding or on the other images of the batch."""
 
-import os
 
 import pytest
 import torch
-from detectron2.config import get_cfg
 from detectron2.modeling import build_model
 from detectron2.structures import ImageList
+from model_testing import VARIANTS, tiny_cfg
 
-from ddetr_d2.config import add_deformable_detr_config
 from ddetr_d2.modeling.backbone import image_padding_mask, interpolate_mask, multi_scale_features
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-VARIANTS = {
-    "plain": {},
-    "refine": {"WITH_BOX_REFINE": True},
-    "two_stage": {"WITH_BOX_REFINE": True, "TWO_STAGE": True},
-}
-
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def tiny_model(**overrides):
-    cfg = get_cfg()
-    add_deformable_detr_config(cfg)
-    cfg.merge_from_file(os.path.join(ROOT, "configs", "tiny_test.yaml"))
-    cfg.MODEL.DEFORMABLE_DETR.DEC_LAYERS = 2
-    for k, v in overrides.items():
-        setattr(cfg.MODEL.DEFORMABLE_DETR, k, v)
+    cfg = tiny_cfg(**{"DEC_LAYERS": 2, **overrides})
     torch.manual_seed(0)
     model = build_model(cfg)
     model.eval()
