@@ -6,6 +6,7 @@ from .deformable_transformer import DeformableTransformer
 from .matcher import HungarianMatcher
 from .meta_arch import MLP, DeformableDETR
 from .position_encoding import PositionEmbeddingSine
+from .slim_resnet import build_slim_resnet_backbone
 
 __all__ = [
     "DeformableDETR",
@@ -16,5 +17,6 @@ __all__ = [
     "SetCriterion",
     "build_input_proj",
     "multi_scale_features",
+    "build_slim_resnet_backbone",
     "sigmoid_focal_loss",
 ]

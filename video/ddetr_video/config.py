@@ -13,6 +13,8 @@ def add_tracker_config(cfg):
     cfg.MODEL.TRACKER.KEEP_THRESHOLD = 0.4  # track query score that keeps (and shows) a track
     cfg.MODEL.TRACKER.MAX_AGE = 5  # consecutive frames under KEEP_THRESHOLD before a track dies
     cfg.MODEL.TRACKER.DUPLICATE_IOU = 0.7  # births overlapping a live track more than this are dropped
+    # a track overlapping a higher-scoring visible track more than this is hidden for the frame (0: off)
+    cfg.MODEL.TRACKER.TRACK_DUPLICATE_IOU = 0.7
     cfg.MODEL.TRACKER.MIN_BOX_AREA = 0.0  # reported boxes smaller than this (pixels^2) are not written
     # --- query interaction module ---
     cfg.MODEL.TRACKER.QIM_DIM_FEEDFORWARD = 1024

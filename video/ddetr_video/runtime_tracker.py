@@ -5,7 +5,10 @@ boxes of the track queries and of the detect queries,
 
 * which tracks survive (a track whose score stays under ``keep_threshold`` for ``max_age`` consecutive frames
   dies; its id is never handed out again, i.e. no resurrection),
-* which tracks are *visible* (reported) this frame (score >= ``keep_threshold``),
+* which tracks are *visible* (reported) this frame (score >= ``keep_threshold`` and not a duplicate: two track
+  queries can converge on one object, typically when their object hides behind a look-alike; a track whose box
+  overlaps a higher-scoring visible track with IoU > ``track_duplicate_iou`` counts as a miss this frame, but
+  is still carried, so it comes back if the two separate again),
 * which detect queries give birth to new tracks (score >= ``birth_threshold`` and IoU <= ``duplicate_iou``
   with
   every live track and with every other newborn of higher score).
@@ -51,9 +54,13 @@ class RuntimeTracker:
             (``max_age=1``: dies on the first miss).
         duplicate_iou: a candidate birth whose box overlaps a live track (or a higher-scoring birth)
             with IoU > this is suppressed as a duplicate.
+        track_duplicate_iou: a track overlapping a higher-scoring visible track with IoU > this is hidden
+            and counts as a miss (None: tracks are never compared with each other).
     """
 
-    def __init__(self, birth_threshold=0.5, keep_threshold=0.4, max_age=5, duplicate_iou=0.7):
+    def __init__(
+        self, birth_threshold=0.5, keep_threshold=0.4, max_age=5, duplicate_iou=0.7, track_duplicate_iou=None
+    ):
         if not 0.0 <= keep_threshold <= 1.0 or not 0.0 <= birth_threshold <= 1.0:
             raise ValueError(
                 f"thresholds must be in [0, 1], got birth={birth_threshold}, keep={keep_threshold}"
@@ -64,6 +71,7 @@ class RuntimeTracker:
         self.keep_threshold = float(keep_threshold)
         self.max_age = int(max_age)
         self.duplicate_iou = float(duplicate_iou)
+        self.track_duplicate_iou = None if track_duplicate_iou is None else float(track_duplicate_iou)
         self.reset()
 
     def reset(self):
@@ -104,6 +112,8 @@ class RuntimeTracker:
 
         # 1) tracks: keep / miss / die
         hit = track_scores >= self.keep_threshold
+        if self.track_duplicate_iou is not None:
+            hit &= ~self._duplicate_tracks(track_scores, track_boxes, hit)
         misses = torch.where(hit, torch.zeros_like(self.misses), self.misses + 1)
         alive = misses < self.max_age
         keep = torch.nonzero(alive).flatten()
@@ -131,3 +141,19 @@ class RuntimeTracker:
         return TrackerUpdate(
             keep=keep, births=births, ids=self.ids.clone(), visible=visible, dead_ids=dead_ids
         )
+
+    def _duplicate_tracks(self, scores, boxes, hit):
+        """(T,) bool: visible tracks overlapping a higher-scoring kept visible track (greedy, as NMS)."""
+        dup = torch.zeros_like(hit)
+        cand = torch.nonzero(hit).flatten()
+        if cand.numel() < 2:
+            return dup
+        cand = cand[scores[cand].argsort(descending=True, stable=True)]
+        iou = box_iou(boxes[cand], boxes[cand])
+        kept = []
+        for i in range(cand.numel()):
+            if kept and iou[i, kept].max() > self.track_duplicate_iou:
+                dup[cand[i]] = True
+            else:
+                kept.append(i)
+        return dup

@@ -70,7 +70,13 @@ class QueryTracker(DeformableDETR):
         self.fp_ratio, self.fp_max = tc.FP_RATIO, tc.FP_MAX
         self.min_track_iou = tc.MIN_TRACK_IOU
         self.min_box_area = tc.MIN_BOX_AREA
-        self.runtime = RuntimeTracker(tc.BIRTH_THRESHOLD, tc.KEEP_THRESHOLD, tc.MAX_AGE, tc.DUPLICATE_IOU)
+        self.runtime = RuntimeTracker(
+            tc.BIRTH_THRESHOLD,
+            tc.KEEP_THRESHOLD,
+            tc.MAX_AGE,
+            tc.DUPLICATE_IOU,
+            tc.TRACK_DUPLICATE_IOU if tc.TRACK_DUPLICATE_IOU > 0 else None,
+        )
         self.reset_tracks()
 
     # ------------------------------------------------------------------ helpers

@@ -64,6 +64,35 @@ def test_invisible_track_still_suppresses_births():
     assert up.births.numel() == 0 and up.visible.tolist() == [False]
 
 
+def test_duplicate_track_is_hidden_counts_misses_and_comes_back():
+    tr = RuntimeTracker(keep_threshold=0.4, max_age=3, duplicate_iou=0.5, track_duplicate_iou=0.5)
+    tr.update(*_empty(), torch.tensor([0.9, 0.8, 0.7]), _boxes((0, 0), (100, 0), (200, 0)))
+    # track 2 converges on track 1 (IoU ~0.9); track 3 overlaps nobody
+    tb = _boxes((0, 0), (1, 0), (200, 0))
+    up = tr.update(torch.tensor([0.6, 0.9, 0.7]), tb, *_empty())
+    assert up.visible.tolist() == [False, True, True] and tr.misses.tolist() == [1, 0, 0]
+    # they separate again: the hidden track is visible, with its id, and its miss counter resets
+    up = tr.update(torch.tensor([0.6, 0.9, 0.7]), _boxes((0, 0), (100, 0), (200, 0)), *_empty())
+    assert up.visible.tolist() == [True, True, True] and up.ids.tolist() == [1, 2, 3]
+    assert tr.misses.tolist() == [0, 0, 0]
+    # a duplicate for max_age frames dies; the higher-scoring one lives on
+    for _ in range(3):
+        up = tr.update(torch.tensor([0.6, 0.9, 0.7])[: len(tr)], tb[: len(tr)], *_empty())
+    assert up.ids.tolist() == [2, 3] and up.dead_ids.tolist() == [1]
+
+
+def test_track_duplicates_greedy_by_score_and_off_by_default():
+    # A > B > C in score; A~B and B~C overlap but A and C do not: B is hidden, C stays (as NMS)
+    boxes = _boxes((0, 0), (3, 0), (6, 0))
+    scores = torch.tensor([0.9, 0.8, 0.7])
+    on = RuntimeTracker(max_age=5, duplicate_iou=0.99, track_duplicate_iou=0.5)
+    off = RuntimeTracker(max_age=5, duplicate_iou=0.99)
+    for tr in (on, off):
+        tr.update(*_empty(), scores, boxes)
+    assert on.update(scores, boxes, *_empty()).visible.tolist() == [True, False, True]
+    assert off.update(scores, boxes, *_empty()).visible.tolist() == [True, True, True]
+
+
 def test_no_resurrection_and_unique_ids_on_random_streams():
     g = torch.Generator().manual_seed(0)
     for trial in range(12):
