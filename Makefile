@@ -8,14 +8,17 @@ CSRC      := $(shell find csrc -type f \( -name '*.cpp' -o -name '*.h' -o -name 
 QS_OUT    ?= output/quickstart
 PYTEST_ARGS ?=
 
-.PHONY: setup setup-test quickstart test bench bench-tracking lint cuda-check clean help
+.PHONY: setup setup-test quickstart test bench bench-tracking bench-threads soak lint cuda-check gpu-check clean help
 
 help:
 	@echo "make quickstart  - install, train the quickstart model on synthetic data, evaluate, run the demo"
 	@echo "make test        - install (with test extras), run the test suite"
 	@echo "make bench       - kernel benchmark (C++ CPU kernel vs PyTorch reference)"
+	@echo "make bench-threads - training s/it on an idle / shared CPU per OpenMP wait policy"
+	@echo "make soak        - kill -9 a small training run 10 times, resume, check the continuation"
 	@echo "make lint        - ruff"
 	@echo "make cuda-check  - compile every csrc/**/*.cu with the system nvcc (no GPU needed)"
+	@echo "make gpu-check   - on a CUDA machine: build for its GPU, CUDA tests, kernel bench, AMP train, fp16 inference"
 
 $(PY):
 	@PY310=$$(sh tools/find_python310.sh) || exit 1; \
@@ -53,11 +56,21 @@ bench: setup
 bench-tracking: setup
 	$(PY) tools/benchmark_tracking.py
 
+bench-threads: setup
+	$(PY) tools/benchmark_threads.py
+
+soak: setup
+	$(PY) tools/kill_resume_soak.py
+
 lint: setup-test
 	$(VENV)/bin/ruff check .
 
 cuda-check: setup
 	$(PY) tools/check_cuda_compile.py
+
+# One call on a CUDA machine (summary in output/gpu_check/summary.{json,md}); without a GPU the CUDA steps are skipped.
+gpu-check: setup-test
+	$(PY) tools/gpu_check.py --output output/gpu_check
 
 clean:
 	rm -rf build *.egg-info ddetr_d2/_C*.so $(VENV)/.ext-stamp

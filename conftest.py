@@ -4,6 +4,9 @@ import os
 import pytest
 
 os.environ.setdefault("MPLBACKEND", "Agg")
+# as `import ddetr_d2` does, before any test module imports torch (libgomp reads it once, at load):
+# idle OpenMP threads sleep instead of spinning on a core that a parallel test process needs
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 
 def pytest_collection_modifyitems(config, items):

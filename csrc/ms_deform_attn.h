@@ -38,19 +38,6 @@ std::vector<at::Tensor> ms_deform_attn_cpu_backward(const at::Tensor& value, con
                                                     const at::Tensor& sampling_loc, const at::Tensor& attn_weight,
                                                     const at::Tensor& grad_output, int im2col_step);
 
-// Straightforward per-channel CPU versions built directly on ddetr::bilinear_sample /
-// ddetr::bilinear_sample_backward (the functions the CUDA kernel uses), single-threaded. Used by the tests
-// to check the shared header on machines without a GPU.
-at::Tensor ms_deform_attn_cpu_forward_naive(const at::Tensor& value, const at::Tensor& spatial_shapes,
-                                            const at::Tensor& level_start_index, const at::Tensor& sampling_loc,
-                                            const at::Tensor& attn_weight);
-std::vector<at::Tensor> ms_deform_attn_cpu_backward_naive(const at::Tensor& value,
-                                                          const at::Tensor& spatial_shapes,
-                                                          const at::Tensor& level_start_index,
-                                                          const at::Tensor& sampling_loc,
-                                                          const at::Tensor& attn_weight,
-                                                          const at::Tensor& grad_output);
-
 #ifdef WITH_CUDA
 // CUDA kernel (csrc/cuda/ms_deform_attn_cuda.cu).
 at::Tensor ms_deform_attn_cuda_forward(const at::Tensor& value, const at::Tensor& spatial_shapes,

@@ -1,10 +1,5 @@
 // Python bindings of ddetr_d2._C: multi-scale deformable attention, dispatched by device.
-#include <ATen/Parallel.h>
 #include <torch/extension.h>
-
-#include <mutex>
-#include <set>
-#include <thread>
 
 #include "ms_deform_attn.h"
 
@@ -55,22 +50,6 @@ bool has_cuda() {
 #endif
 }
 
-// Number of distinct OS threads at::parallel_for uses for `n` unit tasks (a check that the extension
-// was compiled with OpenMP and really runs in parallel).
-int64_t parallel_threads_used(int64_t n) {
-  std::mutex mu;
-  std::set<std::thread::id> ids;
-  at::parallel_for(0, n, 1, [&](int64_t begin, int64_t end) {
-    // Busy-wait a little so one thread cannot take every chunk before the others start.
-    volatile double x = 0;
-    for (int64_t i = begin; i < end; ++i)
-      for (int j = 0; j < 2000000; ++j) x = x + 1.0;
-    std::lock_guard<std::mutex> lock(mu);
-    ids.insert(std::this_thread::get_id());
-  });
-  return static_cast<int64_t>(ids.size());
-}
-
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -81,9 +60,4 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "MSDA backward(..., grad_output, im2col_step) -> [grad_value, grad_sampling_loc, grad_attn_weight]");
   m.def("ms_deform_attn_check_inputs", &ms_deform_attn_check_inputs, "validate MSDA inputs (raises)");
   m.def("has_cuda", &has_cuda, "whether the extension was built with the CUDA kernel");
-  m.def("_ms_deform_attn_forward_naive", &ms_deform_attn_cpu_forward_naive,
-        "per-channel CPU forward on ddetr::bilinear_sample (tests only)");
-  m.def("_ms_deform_attn_backward_naive", &ms_deform_attn_cpu_backward_naive,
-        "per-channel CPU backward on ddetr::bilinear_sample_backward (tests only)");
-  m.def("_parallel_threads_used", &parallel_threads_used, "threads used by at::parallel_for (tests only)");
 }

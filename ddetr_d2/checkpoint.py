@@ -1,15 +1,83 @@
-"""Checkpointing that never leaves a truncated file behind and names the file it cannot read."""
+"""Checkpointing that never leaves a truncated file behind and names the file it cannot read, and
+loading of inference weights that must fit the model (``load_weights_checked``)."""
 
+import logging
 import os
+import re
 
 import torch
 from detectron2.checkpoint import DetectionCheckpointer
+from detectron2.utils.file_io import PathManager
 
-__all__ = ["CheckpointError", "AtomicDetectionCheckpointer"]
+from .errors import UserError, WeightsError
+
+__all__ = [
+    "CheckpointError",
+    "AtomicDetectionCheckpointer",
+    "atomic_write",
+    "load_weights_checked",
+    "remove_stale_temporaries",
+]
+
+logger = logging.getLogger(__name__)
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(UserError, RuntimeError):
     """A checkpoint file exists but cannot be loaded (truncated, corrupt, not a checkpoint)."""
+
+
+_TMP_RE = re.compile(r"^(?:.+\.pth|last_checkpoint)\.tmp(\d+)$")
+
+
+def _is_local(path):
+    return "://" not in path or path.startswith("file://")
+
+
+def _pid_alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
+def remove_stale_temporaries(save_dir, log=logger):
+    """Remove ``*.pth.tmp<PID>`` / ``last_checkpoint.tmp<PID>`` left in ``save_dir`` by processes
+    that no longer run (a kill during a save); returns the removed paths. Temporaries of live
+    processes (another run writing to the same folder) are kept."""
+    removed = []
+    if not save_dir or not _is_local(save_dir) or not os.path.isdir(save_dir):
+        return removed
+    for name in sorted(os.listdir(save_dir)):
+        m = _TMP_RE.match(name)
+        if not m or int(m.group(1)) == os.getpid() or _pid_alive(int(m.group(1))):
+            continue
+        path = os.path.join(save_dir, name)
+        try:
+            size = os.path.getsize(path)
+            os.remove(path)
+        except FileNotFoundError:  # another process cleaned it up first
+            continue
+        log.info(f"Removed stale temporary {path} ({size} bytes) of dead process {m.group(1)}")
+        removed.append(path)
+    return removed
+
+
+def atomic_write(path, write_fn, mode="wb"):
+    """Write a local file atomically: ``write_fn(f)`` into ``<path>.tmp<PID>`` in the same folder,
+    fsync, then ``os.replace``; a failure leaves ``path`` as it was and no temporary behind."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        with open(tmp, mode) as f:
+            write_fn(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
 
 
 class AtomicDetectionCheckpointer(DetectionCheckpointer):
@@ -17,20 +85,40 @@ class AtomicDetectionCheckpointer(DetectionCheckpointer):
 
     fvcore's ``Checkpointer.save`` writes ``model_XXX.pth`` and ``last_checkpoint`` in place, so a
     kill during the write leaves a truncated file that ``--resume`` would then pick up. Here both
-    are written to a temporary file in the same folder and moved into place with ``os.replace``.
+    are written to ``<name>.tmp<PID>`` in the same folder through Detectron2's ``PathManager`` and
+    renamed into place (``os.replace`` on a local disk; ``PathManager.mv`` elsewhere). A backend
+    that cannot rename gets a direct, non-atomic write, with a warning in the log. Temporaries left
+    by dead processes (a kill during a save) are removed when a saving checkpointer is created.
     """
 
+    def __init__(self, model, save_dir="", *, save_to_disk=None, **checkpointables):
+        super().__init__(model, save_dir, save_to_disk=save_to_disk, **checkpointables)
+        if self.save_dir and self.save_to_disk:
+            remove_stale_temporaries(self.save_dir, self.logger)
+
     def _atomic_write(self, path, write_fn, mode):
+        if _is_local(path):
+            atomic_write(path[len("file://") :] if path.startswith("file://") else path, write_fn, mode)
+            return
         tmp = f"{path}.tmp{os.getpid()}"
         try:
-            with open(tmp, mode) as f:
+            with PathManager.open(tmp, mode) as f:
                 write_fn(f)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
+            if PathManager.exists(path):
+                PathManager.rm(path)
+            if not PathManager.mv(tmp, path):
+                raise OSError(f"PathManager.mv({tmp}, {path}) failed")
+        except NotImplementedError:
+            try:
+                PathManager.rm(tmp)
+            except Exception:  # noqa: BLE001  (a backend without rm: the temporary stays, say so)
+                self.logger.warning(f"Could not remove {tmp}")
+            self.logger.warning(
+                f"The storage of {path} cannot rename files: writing it in place (not atomic; a kill "
+                "during this write leaves a truncated file)"
+            )
+            with PathManager.open(path, mode) as f:
+                write_fn(f)
 
     def save(self, name, **kwargs):
         if not self.save_dir or not self.save_to_disk:
@@ -59,3 +147,80 @@ class AtomicDetectionCheckpointer(DetectionCheckpointer):
                 "The file is probably truncated or corrupt (e.g. the job was killed while writing it); "
                 "delete it, or point OUTPUT_DIR/last_checkpoint / MODEL.WEIGHTS at an intact checkpoint."
             ) from e
+
+
+class _RecordingCheckpointer(DetectionCheckpointer):
+    """DetectionCheckpointer that keeps the incompatible keys instead of logging them
+    (``load_weights_checked`` reports them itself, in one message)."""
+
+    incompatible = None
+
+    def _load_model(self, checkpoint):
+        self.incompatible = super()._load_model(checkpoint)
+        return self.incompatible
+
+    def _log_incompatible_keys(self, incompatible):
+        pass
+
+
+def _format_keys(keys, limit=8):
+    keys = list(keys)
+    shown = ", ".join(keys[:limit])
+    return shown + (f", ... ({len(keys)} in all)" if len(keys) > limit else "")
+
+
+# Parameters that exist in training only (e.g. the denoising groups' label embedding): a model trained
+# with them loads into one built without them, and the other way round, for inference.
+TRAINING_ONLY_PREFIXES = ("training_groups.",)
+
+
+def _training_only(key):
+    return key.startswith(TRAINING_ONLY_PREFIXES)
+
+
+def load_weights_checked(model, weights, allow_mismatch=False):
+    """
+    Load inference weights ``weights`` into ``model`` and check that they fit it.
+
+    Missing keys, unexpected keys and shape mismatches (key, checkpoint shape, model shape) raise
+    :class:`WeightsError` naming them (training-only parameters, ``TRAINING_ONLY_PREFIXES``, may be
+    missing or extra) (``allow_mismatch=True`` logs them instead); a missing or
+    unreadable file raises :class:`WeightsError` naming the path. An empty path keeps the random
+    initialisation with a warning. Returns the incompatible-keys record (or None).
+    """
+    if not weights:
+        logger.warning("MODEL.WEIGHTS is empty: the model keeps its random initialisation")
+        return None
+    if "://" not in weights and not os.path.isfile(weights):
+        raise WeightsError(f"weights file not found: {weights} (set MODEL.WEIGHTS)")
+    checkpointer = _RecordingCheckpointer(model)
+    try:
+        checkpointer.load(weights)
+    except Exception as e:
+        size = os.path.getsize(weights) if os.path.isfile(weights) else "?"
+        raise WeightsError(
+            f"cannot load weights {weights} ({size} bytes): {type(e).__name__}: {e} "
+            "(truncated or not a checkpoint?)"
+        ) from e
+    inc = checkpointer.incompatible
+    if inc is None:
+        return None
+    bad_shape_keys = {k for k, _, _ in inc.incorrect_shapes}
+    missing = [k for k in inc.missing_keys if k not in bad_shape_keys and not _training_only(k)]
+    unexpected = [k for k in inc.unexpected_keys if not _training_only(k)]
+    problems = []
+    if inc.incorrect_shapes:
+        problems.append(
+            "shape mismatch (key: checkpoint vs model): "
+            + _format_keys(f"{k}: {tuple(a)} vs {tuple(b)}" for k, a, b in inc.incorrect_shapes)
+        )
+    if missing:
+        problems.append("missing in checkpoint: " + _format_keys(missing))
+    if unexpected:
+        problems.append("unexpected in checkpoint: " + _format_keys(unexpected))
+    if problems:
+        msg = f"weights {weights} do not match the config's model; " + "; ".join(problems)
+        if not allow_mismatch:
+            raise WeightsError(msg + " (check --config-file / MODEL.* options, or pass --allow-mismatch)")
+        logger.warning(msg)
+    return inc

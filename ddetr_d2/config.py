@@ -1,8 +1,47 @@
-"""Config keys of ddetr-d2: ``add_deformable_detr_config(cfg)`` adds them to a Detectron2 config."""
+"""Config keys of ddetr-d2: ``add_deformable_detr_config(cfg)`` adds them to a Detectron2 config;
+``build_cfg`` / ``setup_cfg`` are the one way every entry point makes its config."""
+
+import os
 
 from detectron2.config import CfgNode as CN
+from detectron2.config import get_cfg
 
-__all__ = ["add_deformable_detr_config"]
+from .errors import ConfigError
+
+__all__ = ["add_deformable_detr_config", "build_cfg", "setup_cfg"]
+
+
+def build_cfg(config_file=None, opts=(), add_config_fns=(), freeze=True):
+    """
+    A Detectron2 config with the ddetr-d2 keys (plus those of ``add_config_fns``, e.g. the video
+    add-on's ``add_tracker_config``), merged from ``config_file`` and ``opts`` (KEY VALUE pairs).
+
+    Raises :class:`ConfigError` naming the file / key for a missing file, odd ``opts`` or a key the
+    config does not have.
+    """
+    opts = list(opts or ())
+    if config_file and not os.path.isfile(config_file):
+        raise ConfigError(f"config file not found: {config_file}")
+    if len(opts) % 2:
+        raise ConfigError(f"options need KEY VALUE pairs, got an odd number of items: {opts}")
+    cfg = get_cfg()
+    add_deformable_detr_config(cfg)
+    for fn in add_config_fns:
+        fn(cfg)
+    try:
+        if config_file:
+            cfg.merge_from_file(config_file)
+        cfg.merge_from_list(opts)
+    except Exception as e:  # yacs raises KeyError/ValueError/AssertionError naming the key
+        raise ConfigError(f"bad config ({config_file}, options {opts}): {type(e).__name__}: {e}") from e
+    if freeze:
+        cfg.freeze()
+    return cfg
+
+
+def setup_cfg(args, add_config_fns=(), freeze=True):
+    """``build_cfg`` from command-line ``args`` (``args.config_file``, ``args.opts``)."""
+    return build_cfg(args.config_file, args.opts, add_config_fns=add_config_fns, freeze=freeze)
 
 
 def add_deformable_detr_config(cfg):
@@ -15,6 +54,9 @@ def add_deformable_detr_config(cfg):
     _C = cfg.MODEL.DEFORMABLE_DETR
     _C.NUM_CLASSES = 80
     _C.NUM_QUERIES = 300
+    # backbone outputs fed to the transformer, fine to coarse (the last NUM_FEATURE_LEVELS of them;
+    # further levels are stride-2 convs). The backbone must produce them (MODEL.RESNETS.OUT_FEATURES).
+    _C.IN_FEATURES = ["res3", "res4", "res5"]
     # transformer
     _C.HIDDEN_DIM = 256
     _C.NHEADS = 8
@@ -28,6 +70,24 @@ def add_deformable_detr_config(cfg):
     # variants
     _C.WITH_BOX_REFINE = False
     _C.TWO_STAGE = False
+    # DINO options (off = official): query positions from the encoder's top-k with learned content
+    # (TWO_STAGE); box losses of layer l also train layer l-1's box head (WITH_BOX_REFINE; same values)
+    _C.MIXED_QUERY_SELECTION = False
+    _C.LOOK_FORWARD_TWICE = False
+    # denoising query groups (DN-DETR / DINO; training only, two-stage only; see docs/model.md)
+    _C.DN = CN()
+    _C.DN.ENABLED = False
+    # fixed number of groups, or, if DYNAMIC_NUM_QUERIES > 0, max(1, DYNAMIC_NUM_QUERIES // max objects
+    # per image of the batch) groups (DINO's dn_number = 100; contrastive groups count 2 queries per object)
+    _C.DN.NUM_GROUPS = 5
+    _C.DN.DYNAMIC_NUM_QUERIES = 0
+    # box corners move by up to BOX_NOISE_SCALE * half the box size (DN-DETR 0.4, DINO 1.0)
+    _C.DN.BOX_NOISE_SCALE = 0.4
+    # probability that a label is replaced by a random class (DN-DETR 0.2; DINO's 0.5 flips 0.25)
+    _C.DN.LABEL_NOISE_RATIO = 0.2
+    # DINO contrastive denoising: each group adds negatives (noise in [1, 2) x the scale) to be
+    # classified as background
+    _C.DN.CONTRASTIVE = False
     # loss / matching
     _C.AUX_LOSS = True
     _C.COST_CLASS = 2.0
@@ -48,6 +108,9 @@ def add_deformable_detr_config(cfg):
     # padded batch pass with nearest-resized masks; padded proposals ranked too). Identical for
     # batches of one image (or of equal-size images).
     _C.PER_IMAGE_FEATURES = True
+    # Precision of the eval-mode forward: "float32", or "bfloat16" (dense layers under
+    # torch.autocast(bfloat16), deformable sampling and outputs in float32; training is unaffected).
+    _C.INFERENCE_DTYPE = "float32"
 
     # optimizer (used by ddetr_d2/solver.py)
     cfg.SOLVER.OPTIMIZER = "ADAMW"
@@ -68,6 +131,11 @@ def add_deformable_detr_config(cfg):
     cfg.MODEL.RESNETS.STRIDE_IN_1X1 = False
     cfg.MODEL.BACKBONE.FREEZE_AT = 2
     cfg.MODEL.RESNETS.OUT_FEATURES = ["res3", "res4", "res5"]
+
+    # pre-flight dataset validation (ddetr_d2/data/validation.py): what to do with invalid boxes
+    # (width/height <= 0, NaN/inf, outside the image): "error" stops before training, "drop"
+    # removes them when the dataset is loaded (counted and logged)
+    cfg.DATASETS.INVALID_BOXES = "error"
 
     # dataset mapper keys (cfg.INPUT.DETR_*)
     from .data.dataset_mapper import add_dataset_mapper_config

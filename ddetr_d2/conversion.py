@@ -10,34 +10,47 @@ Three sources are understood:
 * torchvision ImageNet ResNets (``convert_torchvision_resnet``), giving a Detectron2 backbone
   dict to use as ``MODEL.WEIGHTS``.
 
-All functions are pure: they take a ``{name: tensor}`` mapping and return a new one; nothing
-is loaded or saved here (see ``tools/convert_weights.py``). Our transformer and heads keep the
+The converters are pure: they take a ``{name: tensor}`` mapping and return a new one. Reading
+and writing files is separate (``load_hf``, ``load_state_dict_file``, ``save_detector``,
+``save_backbone``; writes are atomic), and ``convert_checkpoint`` runs a whole file-to-file
+conversion (``tools/convert_weights.py`` is its command line). Our transformer and heads keep the
 official module names, so the official -> ours conversion is the identity outside the backbone,
 whose torchvision names are renamed to Detectron2's ResNet names. The HF converter first turns
 HF names into official ones, then applies the official converter. ``docs/weight_conversion.md``
 has the full mapping tables.
 
-Errors are ``ConversionError`` (a ``ValueError``) and name the offending keys.
+Errors are ``ConversionError`` (a ``WeightsError``, hence a ``UserError`` and ``ValueError``) and
+name the offending file or keys.
 """
 
+import os
+import pickle
 import re
 from collections import OrderedDict
 from typing import Dict, Iterable, List, Mapping, Sequence
 
 import torch
 
+from .errors import WeightsError
+
 __all__ = [
     "BACKBONE_PREFIX",
     "COCO_CATEGORY_IDS",
     "ConversionError",
+    "build_model_state",
     "check_state_dict",
     "coco_91_to_80",
+    "convert_checkpoint",
     "convert_hf_state_dict",
     "convert_official_state_dict",
     "convert_torchvision_resnet",
     "d2_resnet_to_torchvision",
     "hf_to_official_state_dict",
     "infer_variant",
+    "load_hf",
+    "load_state_dict_file",
+    "save_backbone",
+    "save_detector",
     "to_official_state_dict",
 ]
 
@@ -53,7 +66,7 @@ COCO_CATEGORY_IDS = tuple(i for i in range(1, 91) if i not in (12, 26, 29, 30, 4
 _BN_PARAMS = ("weight", "bias", "running_mean", "running_var")
 
 
-class ConversionError(ValueError):
+class ConversionError(WeightsError):
     """A state dict is not in the expected format; the message names the keys involved."""
 
 
@@ -528,3 +541,157 @@ def check_state_dict(
         problems.append(f"shape mismatch in {len(shapes)} keys [{'; '.join(shapes[:12])}]")
     if problems:
         raise ConversionError("converted state dict does not match the model: " + "; ".join(problems))
+
+
+# ---------------------------------------------------------------------------------------------
+# reading and writing checkpoint files
+# ---------------------------------------------------------------------------------------------
+def _torch_load(path):
+    try:
+        return torch.load(path, map_location="cpu")
+    except Exception as e:  # noqa: BLE001  (name the file in every failure)
+        raise ConversionError(
+            f"cannot read '{path}' as a torch checkpoint: {type(e).__name__}: {e}"
+        ) from None
+
+
+def _load_safetensors(path):
+    try:
+        from safetensors.torch import load_file
+    except ImportError:
+        raise ConversionError(
+            f"'{path}' is a .safetensors file but the safetensors package is not installed"
+        ) from None
+    return load_file(path, device="cpu")
+
+
+def _unwrap(obj, path, keys=("model", "state_dict")):
+    """A checkpoint may hold its state dict under "model" / "state_dict"; tensors must be values."""
+    if isinstance(obj, dict):
+        for k in keys:
+            if k in obj and isinstance(obj[k], dict):
+                return obj[k]
+        if obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
+            return obj
+    raise ConversionError(
+        f"'{path}' is not a state dict: expected a mapping of names to tensors (or one under "
+        f"{' / '.join(repr(k) for k in keys)}), got {type(obj).__name__}"
+        + (f" with keys {sorted(obj)[:8]}" if isinstance(obj, dict) else "")
+    )
+
+
+def load_state_dict_file(path):
+    """The state dict of a torch checkpoint file (top level, or under "model" / "state_dict")."""
+    return _unwrap(_torch_load(path), path)
+
+
+def load_hf(path):
+    """Read an HF state dict from a save_pretrained folder or a single weights file."""
+    if os.path.isdir(path):
+        for name in ("model.safetensors", "pytorch_model.bin"):
+            f = os.path.join(path, name)
+            if os.path.isfile(f):
+                path = f
+                break
+        else:
+            raise ConversionError(
+                f"'{path}' is a folder without model.safetensors or pytorch_model.bin "
+                "(sharded checkpoints are not supported; pass a single weights file)"
+            )
+    if path.endswith(".safetensors"):
+        return _load_safetensors(path)
+    return load_state_dict_file(path)
+
+
+def build_model_state(config_file, opts=()):
+    """state_dict() of the model a config builds (CPU, random init), to check a conversion against."""
+    from detectron2.modeling import build_model
+
+    from .config import build_cfg
+
+    return build_model(build_cfg(config_file, list(opts) + ["MODEL.DEVICE", "cpu"])).state_dict()
+
+
+def _check_output(output, suffixes, what="a checkpoint"):
+    folder = os.path.dirname(os.path.abspath(output))
+    if not os.path.isdir(folder):
+        raise ConversionError(f"output folder '{folder}' does not exist (for output '{output}')")
+    if not output.endswith(suffixes):
+        raise ConversionError(f"output '{output}' must end with {' or '.join(suffixes)} ({what})")
+
+
+def _atomic_dump(output, write_fn):
+    from .checkpoint import atomic_write
+
+    _check_output(output, (".pth", ".pkl"))
+    atomic_write(output, write_fn, "wb")
+
+
+_BACKBONE_FORMAT = "Detectron2 backbone weights format"
+
+
+def _numpy_state(sd):
+    return OrderedDict((k, v.detach().cpu().numpy()) for k, v in sd.items())
+
+
+def save_detector(sd, output, author):
+    """Write ``{"model", "__author__", "matching_heuristics": False}`` to ``output`` (.pth: torch,
+    .pkl: pickle of numpy arrays) atomically."""
+    ckpt = {"model": sd, "__author__": author, "matching_heuristics": False}
+    if output.endswith(".pkl"):
+        ckpt["model"] = _numpy_state(sd)
+        _atomic_dump(output, lambda f: pickle.dump(ckpt, f))
+    else:
+        _atomic_dump(output, lambda f: torch.save(ckpt, f))
+
+
+def save_backbone(sd, output):
+    """Detectron2's ImageNet convention, atomically: a pickle of numpy arrays with unprefixed ResNet names."""
+    _check_output(output, (".pkl",), _BACKBONE_FORMAT)
+    ckpt = {"model": _numpy_state(sd), "__author__": "torchvision", "matching_heuristics": True}
+    _atomic_dump(output, lambda f: pickle.dump(ckpt, f))
+
+
+def convert_checkpoint(
+    source, input_path, output, coco_91_to_80_classes=False, backbone_prefix=BACKBONE_PREFIX,
+    config_file="", opts=(),
+):  # fmt: skip
+    """
+    Convert the ``source`` ("hf", "official" or "torchvision") checkpoint ``input_path`` into
+    ``output`` (.pth / .pkl detector checkpoint; .pkl backbone for torchvision); with
+    ``config_file`` (+ ``opts``), check the keys and shapes against that config's model first.
+    Returns the number of tensors written. Raises :class:`ConversionError`; nothing is written then.
+    """
+    if source not in ("hf", "official", "torchvision"):
+        raise ConversionError(f"unknown source {source!r}: expected hf, official or torchvision")
+    if not os.path.exists(input_path):
+        raise ConversionError(f"input '{input_path}' does not exist")
+    if source == "torchvision":
+        _check_output(output, (".pkl",), _BACKBONE_FORMAT)
+        sd = convert_torchvision_resnet(load_state_dict_file(input_path))
+        if config_file:
+            expected = build_model_state(config_file, opts)
+            n = len(backbone_prefix)
+            check_state_dict(sd, {k[n:]: v for k, v in expected.items() if k.startswith(backbone_prefix)})
+        save_backbone(sd, output)
+        return len(sd)
+    _check_output(output, (".pth", ".pkl"))
+    if source == "hf":
+        sd = convert_hf_state_dict(
+            load_hf(input_path), backbone_prefix=backbone_prefix, coco_91_to_80_classes=coco_91_to_80_classes
+        )
+    else:
+        sd = convert_official_state_dict(
+            load_state_dict_file(input_path),
+            backbone_prefix=backbone_prefix,
+            coco_91_to_80_classes=coco_91_to_80_classes,
+        )
+    if config_file:
+        try:
+            check_state_dict(sd, build_model_state(config_file, opts))
+        except ConversionError as e:
+            raise ConversionError(
+                f"{e}. The weights are {infer_variant(sd)}; does '{config_file}' (+ --opts) match?"
+            ) from None
+    save_detector(sd, output, author=f"ddetr-d2 convert_weights.py --from {source}")
+    return len(sd)

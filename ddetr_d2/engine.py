@@ -1,29 +1,63 @@
-"""Training loop pieces: the DefaultTrainer subclass, CPU (gloo) data parallelism.
+"""Training loop pieces: the DefaultTrainer subclass, interruption and resume, CPU (gloo) data
+parallelism.
 
 ``DeformableDetrTrainer`` is what ``tools/train_net.py`` trains with; the tracking add-on subclasses
-it and swaps the data loaders and the evaluator.
+it and swaps the data mapper and the test loader (the evaluator follows the dataset's
+``evaluator_type``, see :mod:`ddetr_d2.evaluation`).
+
+Interruption (docs/training.md): SIGTERM / SIGINT only set a flag; after the current iteration
+:class:`InterruptCheckpointer` saves ``model_<iter>.pth`` (atomically, rank 0) and the run stops
+with :class:`TrainingInterrupted` (exit code 128 + signal). ``--resume`` continues from it: the
+iteration, optimizer, scheduler, the data sampler's seed and position, and (single process) the
+python / numpy / torch random states.
 """
 
+import itertools
 import logging
+import multiprocessing
 import os
+import random
+import signal
+import sys
+import threading
 import weakref
 
+import numpy as np
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from detectron2.data import build_detection_test_loader, build_detection_train_loader
-from detectron2.engine import AMPTrainer, DefaultTrainer, SimpleTrainer, TrainerBase, launch
+from detectron2.data import (
+    build_detection_test_loader,
+    build_detection_train_loader,
+    get_detection_dataset_dicts,
+)
+from detectron2.data.samplers import TrainingSampler
+from detectron2.engine import AMPTrainer, DefaultTrainer, HookBase, SimpleTrainer, TrainerBase, launch
 from detectron2.engine.launch import DEFAULT_TIMEOUT, _find_free_port
-from detectron2.evaluation import COCOEvaluator
 from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 from torch.nn.parallel import DistributedDataParallel
 
-from .checkpoint import AtomicDetectionCheckpointer
+from .checkpoint import AtomicDetectionCheckpointer, load_weights_checked
 from .data import DetrDatasetMapper
+from .errors import UserError
+from .evaluation import build_evaluator
 from .solver import build_optimizer
 
-__all__ = ["DeformableDetrTrainer", "create_ddp_model", "is_cpu", "launch_processes"]
+__all__ = [
+    "DeformableDetrTrainer",
+    "InterruptCheckpointer",
+    "ResumableTrainingSampler",
+    "TrainingInterrupted",
+    "create_ddp_model",
+    "is_cpu",
+    "launch_processes",
+    "load_eval_weights",
+    "run_entry_point",
+    "train_or_evaluate",
+]
+
+logger = logging.getLogger(__name__)
 
 
 def is_cpu(cfg):
@@ -38,9 +72,165 @@ def create_ddp_model(model, cfg):
     return DistributedDataParallel(model, device_ids=device_ids, broadcast_buffers=False)
 
 
+class TrainingInterrupted(BaseException):
+    """Training stopped by a signal after saving ``path`` at ``iteration``. A ``BaseException`` (like
+    ``KeyboardInterrupt``) so that the training loop does not log it as a crash."""
+
+    def __init__(self, signum, path, iteration):
+        self.signum, self.path, self.iteration = signum, path, iteration
+        self.exit_code = 128 + signum
+        name = signal.Signals(signum).name
+        super().__init__(
+            f"interrupted by {name} after iteration {iteration}: checkpoint saved to {path}; "
+            "continue with --resume"
+        )
+
+
+class InterruptCheckpointer(HookBase):
+    """SIGTERM / SIGINT during training: save a checkpoint after the current iteration, then stop.
+
+    The signal handler only records the signal (installed in ``before_train``, so forked data-loader
+    workers inherit it and keep running instead of dying mid-batch). ``after_step`` (this hook runs
+    last) saves ``model_{iter:07d}.pth`` with the atomic checkpointer and raises
+    :class:`TrainingInterrupted`. Under DDP the flag is gathered every iteration, so all ranks stop
+    after the same iteration; only rank 0 writes. A repeated signal is ignored (use SIGKILL to abort).
+    """
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self, checkpointer):
+        self.checkpointer = checkpointer
+        self._received = 0
+        self._old_handlers = {}
+
+    def _handler(self, signum, frame):
+        if not self._received:
+            self._received = signum
+
+    def before_train(self):
+        self._received = 0
+        if threading.current_thread() is threading.main_thread():
+            for s in self.SIGNALS:
+                self._old_handlers[s] = signal.signal(s, self._handler)
+            logger.info("SIGTERM / SIGINT save a checkpoint after the current iteration and stop")
+
+    def after_step(self):
+        got = self._received
+        if comm.get_world_size() > 1:
+            got = max(comm.all_gather(got))
+        if not got:
+            return
+        it = self.trainer.iter
+        name = f"model_{it:07d}"
+        self.checkpointer.save(name, iteration=it)
+        comm.synchronize()  # rank 0 has written the file before any rank exits
+        raise TrainingInterrupted(got, os.path.join(self.checkpointer.save_dir, name + ".pth"), it)
+
+    def after_train(self):
+        for s, h in self._old_handlers.items():
+            signal.signal(s, h)
+        self._old_handlers = {}
+
+
+def _leave_interrupts_to_the_main_process():
+    """In a data-loader worker, ignore SIGTERM / SIGINT. A scheduler (SLURM, Kubernetes) or Ctrl-C signals
+    the whole process group; torch's worker handler would die on an outside SIGTERM, and the main
+    process would then crash on its next batch instead of saving a checkpoint (:class:`InterruptCheckpointer`).
+    The main process ends its workers itself (and they exit when it dies). No-op outside a worker.
+    The train sampler is iterated inside each worker (Detectron2's ``ToIterableDataset``), so this runs
+    there for the detector's and the tracker's loaders alike."""
+    if torch.utils.data.get_worker_info() is None:
+        return
+    for s in InterruptCheckpointer.SIGNALS:
+        signal.signal(s, signal.SIG_IGN)
+
+
+class ResumableTrainingSampler(TrainingSampler):
+    """Detectron2's ``TrainingSampler`` (an infinite, seeded stream of shuffled indices, split among
+    processes) that can start part-way: a run resumed at iteration ``i`` sets ``start_index`` to the
+    ``i * batch_per_process`` indices this process consumed, and its seed is saved in the checkpoint
+    (``state_dict``), so the resumed run continues the same stream instead of restarting it."""
+
+    def __init__(self, size, shuffle=True, seed=None):
+        super().__init__(size, shuffle=shuffle, seed=seed)
+        self.start_index = 0
+
+    def __iter__(self):
+        _leave_interrupts_to_the_main_process()
+        yield from itertools.islice(super().__iter__(), self.start_index, None)
+
+    @property
+    def seed(self):
+        return self._seed
+
+    def state_dict(self):
+        return {"seed": self._seed}
+
+    def load_state_dict(self, state):
+        self._seed = int(state["seed"])
+
+
+class TrainingRandomState:
+    """Checkpointable ``data_state``: the train sampler's seed and, in a single process, the python,
+    numpy and torch (CPU and CUDA) random states, so a resumed run draws the same augmentations and
+    dropout masks as an uninterrupted one (exactly so with DATALOADER.NUM_WORKERS 0).
+
+    Loading keeps the random states pending; :class:`RestoreRandomState` applies them just before
+    the first iteration, after creating the data-loader iterator (which draws a seed from torch's
+    generator: an uninterrupted run drew it at iteration 0)."""
+
+    def __init__(self, sampler=None):
+        self.sampler = sampler
+        self.pending_rng = None
+
+    def state_dict(self):
+        state = {"world_size": comm.get_world_size()}
+        if self.sampler is not None:
+            state["sampler"] = self.sampler.state_dict()
+        if comm.get_world_size() == 1:
+            state["rng"] = {
+                "python": random.getstate(),
+                "numpy": np.random.get_state(),
+                "torch": torch.get_rng_state(),
+                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+            }
+        return state
+
+    def load_state_dict(self, state):
+        if self.sampler is not None and "sampler" in state:
+            self.sampler.load_state_dict(state["sampler"])
+        rng = state.get("rng")
+        if rng is not None and comm.get_world_size() == 1 and state.get("world_size") == 1:
+            self.pending_rng = rng
+
+    def apply_pending(self):
+        """Set the random states loaded from the checkpoint (once)."""
+        rng, self.pending_rng = self.pending_rng, None
+        if rng is not None:
+            random.setstate(rng["python"])
+            np.random.set_state(rng["numpy"])
+            torch.set_rng_state(rng["torch"])
+            if rng["cuda"] is not None and torch.cuda.is_available():
+                torch.cuda.set_rng_state_all(rng["cuda"])
+
+
+class RestoreRandomState(HookBase):
+    """After resuming: create the data-loader iterator, then restore the checkpoint's random states
+    (runs after :class:`InterruptCheckpointer` has installed its handlers, which forked data-loader
+    workers inherit)."""
+
+    def __init__(self, data_state):
+        self.data_state = data_state
+
+    def before_train(self):
+        if self.data_state.pending_rng is not None:
+            self.trainer._trainer._data_loader_iter  # noqa: B018  (created now, as at iteration 0)
+            self.data_state.apply_pending()
+
+
 class DeformableDetrTrainer(DefaultTrainer):
-    """DefaultTrainer with the DETR mapper, the Deformable DETR optimizer, COCO evaluation,
-    atomic checkpoints and CPU (gloo) data parallelism."""
+    """DefaultTrainer with the DETR mapper, the Deformable DETR optimizer, evaluation by the dataset's
+    ``evaluator_type``, atomic checkpoints, save-on-signal, exact resume and CPU (gloo) DDP."""
 
     def __init__(self, cfg):
         # Same construction order as DefaultTrainer.__init__, but with our DDP wrapper and checkpointer.
@@ -56,7 +246,11 @@ class DeformableDetrTrainer(DefaultTrainer):
         trainer_cls = AMPTrainer if cfg.SOLVER.AMP.ENABLED else SimpleTrainer
         self._trainer = trainer_cls(model, data_loader, optimizer)
         self.scheduler = self.build_lr_scheduler(cfg, optimizer)
-        self.checkpointer = AtomicDetectionCheckpointer(model, cfg.OUTPUT_DIR, trainer=weakref.proxy(self))
+        self.train_sampler = getattr(data_loader, "resumable_sampler", None)
+        self.data_state = TrainingRandomState(self.train_sampler)
+        self.checkpointer = AtomicDetectionCheckpointer(
+            model, cfg.OUTPUT_DIR, trainer=weakref.proxy(self), data_state=self.data_state
+        )
         self.start_iter = 0
         self.max_iter = cfg.SOLVER.MAX_ITER
         self.cfg = cfg
@@ -66,9 +260,44 @@ class DeformableDetrTrainer(DefaultTrainer):
     def build_optimizer(cls, cfg, model):
         return build_optimizer(cfg, model)
 
+    def build_hooks(self):
+        return super().build_hooks() + [
+            InterruptCheckpointer(self.checkpointer),
+            RestoreRandomState(self.data_state),
+        ]
+
+    def resume_or_load(self, resume=True):
+        super().resume_or_load(resume=resume)
+        if self.train_sampler is not None:
+            per_process = self.cfg.SOLVER.IMS_PER_BATCH // comm.get_world_size()
+            self.train_sampler.start_index = self.start_iter * per_process
+            logger.info(
+                f"Train sampler: seed {self.train_sampler.seed}, starting at index "
+                f"{self.train_sampler.start_index} of this process's stream (iteration {self.start_iter})"
+            )
+
+    @classmethod
+    def build_train_mapper(cls, cfg):
+        return DetrDatasetMapper(cfg, is_train=True)
+
     @classmethod
     def build_train_loader(cls, cfg):
-        return build_detection_train_loader(cfg, mapper=DetrDatasetMapper(cfg, is_train=True))
+        """Detectron2's train loader with ``build_train_mapper``; for DATALOADER.SAMPLER_TRAIN
+        "TrainingSampler" the sampler is a :class:`ResumableTrainingSampler`
+        (``loader.resumable_sampler``)."""
+        mapper = cls.build_train_mapper(cfg)
+        if cfg.DATALOADER.SAMPLER_TRAIN != "TrainingSampler":
+            return build_detection_train_loader(cfg, mapper=mapper)
+        dataset = get_detection_dataset_dicts(
+            cfg.DATASETS.TRAIN,
+            filter_empty=cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS,
+            min_keypoints=0,
+            proposal_files=cfg.DATASETS.PROPOSAL_FILES_TRAIN if cfg.MODEL.LOAD_PROPOSALS else None,
+        )
+        sampler = ResumableTrainingSampler(len(dataset))
+        loader = build_detection_train_loader(cfg, mapper=mapper, dataset=dataset, sampler=sampler)
+        loader.resumable_sampler = sampler
+        return loader
 
     @classmethod
     def build_test_loader(cls, cfg, dataset_name):
@@ -76,8 +305,7 @@ class DeformableDetrTrainer(DefaultTrainer):
 
     @classmethod
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):
-        output_folder = output_folder or os.path.join(cfg.OUTPUT_DIR, "inference", dataset_name)
-        return COCOEvaluator(dataset_name, tasks=("bbox",), distributed=True, output_dir=output_folder)
+        return build_evaluator(cfg, dataset_name, output_folder)
 
 
 def _cpu_worker(local_rank, main_func, world_size, dist_url, args, timeout):
@@ -92,8 +320,28 @@ def _cpu_worker(local_rank, main_func, world_size, dist_url, args, timeout):
     dist.destroy_process_group()
 
 
+def _forward_signal_to_children(signum, frame):
+    """In the launching process: pass SIGTERM / SIGINT on to the training processes, which save a
+    checkpoint and exit (a terminal's Ctrl-C reaches them directly too; a repeat is harmless)."""
+    for child in multiprocessing.active_children():
+        try:
+            os.kill(child.pid, signum)
+        except ProcessLookupError:
+            pass
+
+
+def exit_code_of(exc):
+    """Exit code for the launcher from a child's ``ProcessExitedException`` (signal N -> 128 + N)."""
+    code = exc.exit_code
+    return code if code > 0 else 128 - code
+
+
 def launch_processes(main_func, args, cpu):
-    """detectron2's ``launch``; for MODEL.DEVICE cpu with --num-gpus N > 1, N gloo CPU processes."""
+    """detectron2's ``launch``; for MODEL.DEVICE cpu with --num-gpus N > 1, N gloo CPU processes.
+    With several processes, SIGTERM / SIGINT to this process are forwarded to them."""
+    if args.num_gpus * args.num_machines > 1 and threading.current_thread() is threading.main_thread():
+        for s in InterruptCheckpointer.SIGNALS:
+            signal.signal(s, _forward_signal_to_children)
     if cpu and args.num_gpus > 1:
         if args.num_machines != 1:
             raise ValueError("CPU data parallelism (MODEL.DEVICE cpu) supports --num-machines 1 only")
@@ -115,3 +363,91 @@ def launch_processes(main_func, args, cpu):
         dist_url=args.dist_url,
         args=(args,),
     )
+
+
+def load_eval_weights(cfg, model, args):
+    """``--eval-only``: MODEL.WEIGHTS must fit the model (:func:`load_weights_checked`, unless
+    ``args.allow_mismatch``); with ``--resume`` and an OUTPUT_DIR/last_checkpoint, that checkpoint
+    is loaded instead (the normal resume path)."""
+    checkpointer = AtomicDetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR)
+    if getattr(args, "resume", False) and checkpointer.has_checkpoint():
+        checkpointer.resume_or_load(cfg.MODEL.WEIGHTS, resume=True)
+    else:
+        load_weights_checked(model, cfg.MODEL.WEIGHTS, allow_mismatch=getattr(args, "allow_mismatch", False))
+
+
+def train_or_evaluate(cfg, args, trainer_cls):
+    """
+    The body of a ``train_net.py`` main: pre-flight checks of the datasets and evaluators (before the
+    model is built), then ``--eval-only`` (weights that must fit, :func:`load_eval_weights`) or training
+    (``--resume`` continues from OUTPUT_DIR/last_checkpoint). Returns the evaluation results (or None).
+    """
+    from detectron2.evaluation import verify_results
+
+    from .data.validation import check_datasets
+    from .evaluation import check_evaluators
+
+    check_datasets(cfg, eval_only=args.eval_only)
+    check_evaluators(cfg)
+    if args.eval_only:
+        model = trainer_cls.build_model(cfg)
+        load_eval_weights(cfg, model, args)
+        res = trainer_cls.test(cfg, model)
+        if comm.is_main_process():
+            verify_results(cfg, res)
+        return res
+    trainer = trainer_cls(cfg)
+    trainer.resume_or_load(resume=args.resume)
+    trainer.train()
+    res = getattr(trainer, "_last_eval_results", None)
+    if not res and len(cfg.DATASETS.TEST) and cfg.TEST.EVAL_PERIOD == 0:
+        res = trainer_cls.test(cfg, trainer.model)  # no evaluation hook ran: evaluate the final model once
+    return res
+
+
+class _EndWithOneLine:
+    """``main_func(args)`` in each process; a user error or an interruption ends the process with one
+    line on stderr (rank 0) and exit code 2 / 128 + signal. Bugs keep their traceback."""
+
+    def __init__(self, main_func):
+        self.main_func = main_func
+
+    def __call__(self, args):
+        try:
+            return self.main_func(args)
+        except UserError as e:
+            if comm.is_main_process():
+                print(f"error: {e}", file=sys.stderr, flush=True)
+            sys.exit(2)
+        except TrainingInterrupted as e:
+            if comm.is_main_process():
+                print(str(e), file=sys.stderr, flush=True)
+            if comm.get_world_size() == 1:
+                sys.exit(e.exit_code)
+            comm.synchronize()
+            if comm.is_main_process():
+                sys.exit(e.exit_code)
+            # the other ranks end at once and with 0, so that the launcher reports rank 0's code (it
+            # stops the remaining processes as soon as one exits non-zero)
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(0)
+
+
+def run_entry_point(main_func, args, cfg_fn):
+    """What a training script's ``__main__`` runs: ``main_func(args)`` in ``args.num_gpus`` processes
+    (:func:`launch_processes`; ``cfg_fn(args)`` builds the config that tells CPU or GPU). Returns the
+    exit code: 0; 2 for a user error (printed as ``error: ...``); 128 + N after signal N (the line
+    naming the saved checkpoint is printed)."""
+    try:
+        cfg = cfg_fn(args)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        return 2
+    try:
+        launch_processes(_EndWithOneLine(main_func), args, cpu=is_cpu(cfg))
+    except mp.ProcessExitedException as e:  # a worker process exited non-zero (it printed why)
+        return exit_code_of(e)
+    except SystemExit as e:  # single process: _EndWithOneLine's exit
+        return e.code
+    return 0

@@ -8,7 +8,6 @@ one padded, goes through both models in eval mode on CPU (float32).
 
 import copy
 import functools
-import importlib.util
 import os
 
 import pytest
@@ -19,13 +18,13 @@ transformers = pytest.importorskip("transformers")
 pytest.importorskip("timm")
 
 from detectron2.checkpoint import DetectionCheckpointer  # noqa: E402
-from detectron2.config import get_cfg  # noqa: E402
 from detectron2.modeling import build_model  # noqa: E402
 from detectron2.structures import ImageList  # noqa: E402
 
-from ddetr_d2.config import add_deformable_detr_config  # noqa: E402
+from ddetr_d2.config import build_cfg  # noqa: E402
 from ddetr_d2.conversion import (  # noqa: E402
     ConversionError,
+    convert_checkpoint,
     convert_hf_state_dict,
     hf_to_official_state_dict,
     to_official_state_dict,
@@ -114,10 +113,8 @@ def _build_hf_model(refine, two_stage, seed, backbone, num_queries):
 
 @functools.cache
 def _build_our_model(refine, two_stage, num_queries):
-    cfg = get_cfg()
-    add_deformable_detr_config(cfg)
-    cfg.merge_from_file(os.path.join(REPO, "configs", "tiny_test.yaml"))
-    cfg.merge_from_list(
+    cfg = build_cfg(
+        os.path.join(REPO, "configs", "tiny_test.yaml"),
         [
             "MODEL.DEFORMABLE_DETR.NUM_CLASSES",
             NUM_CLASSES,
@@ -134,7 +131,7 @@ def _build_our_model(refine, two_stage, num_queries):
             # official/HF behaviour for padded batches: one backbone pass, nearest-resized masks
             "MODEL.DEFORMABLE_DETR.PER_IMAGE_FEATURES",
             False,
-        ]
+        ],
     )
     return build_model(cfg).eval()
 
@@ -290,23 +287,16 @@ def test_hf_tied_heads_missing_and_errors():
 
 
 def test_cli_hf_save_pretrained_folder(tmp_path):
-    """save_pretrained folder (safetensors, tied head copies dropped) -> tool -> checkpointer -> parity."""
+    """save_pretrained folder (safetensors, tied head copies dropped) -> convert_checkpoint ->
+    checkpointer -> parity."""
     hf = _hf_model(False, False, seed=11)
     hf.save_pretrained(tmp_path / "hf")
     assert (tmp_path / "hf" / "model.safetensors").is_file()
-    spec = importlib.util.spec_from_file_location(
-        "convert_weights", os.path.join(REPO, "tools", "convert_weights.py")
-    )
-    tool = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tool)
     out = tmp_path / "ddetr_from_hf.pth"
     opts = ["MODEL.DEFORMABLE_DETR.NUM_CLASSES", str(NUM_CLASSES), "MODEL.DEFORMABLE_DETR.ENC_LAYERS", "2"]
     opts += ["MODEL.DEFORMABLE_DETR.DEC_LAYERS", "2"]
     config = os.path.join(REPO, "configs", "tiny_test.yaml")
-    assert (
-        tool.main(["--from", "hf", str(tmp_path / "hf"), str(out), "--config-file", config, "--opts", *opts])
-        == 0
-    )
+    assert convert_checkpoint("hf", str(tmp_path / "hf"), str(out), config_file=config, opts=opts) > 0
 
     ours = _our_model(False, False)
     DetectionCheckpointer(ours).load(str(out))

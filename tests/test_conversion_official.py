@@ -2,30 +2,28 @@
 
 import copy
 import functools
-import importlib.util
 import os
 
 import pytest
 import torch
 import torchvision
 from detectron2.checkpoint import DetectionCheckpointer
-from detectron2.config import get_cfg
 from detectron2.data.datasets.builtin_meta import COCO_CATEGORIES
 from detectron2.modeling import build_model
 from detectron2.structures import ImageList
 
-from ddetr_d2.config import add_deformable_detr_config
+from ddetr_d2.config import build_cfg
 from ddetr_d2.conversion import (
     COCO_CATEGORY_IDS,
     ConversionError,
     check_state_dict,
+    convert_checkpoint,
     convert_official_state_dict,
     infer_variant,
     to_official_state_dict,
 )
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TOOL = os.path.join(REPO, "tools", "convert_weights.py")
 VARIANTS = {"plain": (False, False), "box_refine": (True, False), "two_stage": (True, True)}
 
 
@@ -33,9 +31,7 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _cfg(refine=False, two_stage=False, num_classes=80, dec_layers=2):
-    cfg = get_cfg()
-    add_deformable_detr_config(cfg)
-    cfg.merge_from_file(os.path.join(REPO, "configs", "tiny_test.yaml"))
+    cfg = build_cfg(os.path.join(REPO, "configs", "tiny_test.yaml"), freeze=False)
     c = cfg.MODEL.DEFORMABLE_DETR
     c.NUM_CLASSES, c.DEC_LAYERS, c.WITH_BOX_REFINE, c.TWO_STAGE = num_classes, dec_layers, refine, two_stage
     c.PER_IMAGE_FEATURES = False
@@ -56,13 +52,6 @@ def _build(refine, two_stage, num_classes=80, dec_layers=2):
 
 def _model(*args, **kwargs):
     return copy.deepcopy(_build(*args, **kwargs))
-
-
-def _tool():
-    spec = importlib.util.spec_from_file_location("convert_weights", TOOL)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
@@ -197,23 +186,14 @@ def test_cli_official_checkpoint_loads(tmp_path):
     torch.save({"model": to_official_state_dict(model.state_dict()), "epoch": 49}, src)
     out = tmp_path / "converted.pth"
     opts = [
-        "--opts",
         "MODEL.DEFORMABLE_DETR.WITH_BOX_REFINE",
         "True",
         "MODEL.DEFORMABLE_DETR.TWO_STAGE",
         "True",
     ]
     opts += ["MODEL.DEFORMABLE_DETR.DEC_LAYERS", "2"]
-    tool = _tool()
-    args = [
-        "--from",
-        "official",
-        str(src),
-        str(out),
-        "--config-file",
-        os.path.join(REPO, "configs", "tiny_test.yaml"),
-    ]
-    assert tool.main(args + opts) == 0
+    config = os.path.join(REPO, "configs", "tiny_test.yaml")
+    assert convert_checkpoint("official", str(src), str(out), config_file=config, opts=opts) > 0
     ckpt = torch.load(out, map_location="cpu")
     assert ckpt["matching_heuristics"] is False and "official" in ckpt["__author__"]
 
@@ -225,5 +205,5 @@ def test_cli_official_checkpoint_loads(tmp_path):
     # the same file against a config it does not fit: named mismatch, nothing written
     bad_out = tmp_path / "bad.pth"
     with pytest.raises(ConversionError, match=r"missing 3 keys \[query_embed.weight.*'two_stage': 1"):
-        tool.main(["--from", "official", str(src), str(bad_out), "--config-file", args[-1]])
+        convert_checkpoint("official", str(src), str(bad_out), config_file=config)
     assert not bad_out.exists()

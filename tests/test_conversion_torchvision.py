@@ -1,22 +1,26 @@
-"""torchvision ResNet -> Detectron2 backbone .pkl: keys, the CLI, and a numerical forward check."""
+"""torchvision ResNet -> Detectron2 backbone .pkl: keys, the CLI (errors, output folder, atomic
+write), and a numerical forward check."""
 
-import importlib.util
 import os
 import pickle
-import runpy
+import subprocess
 import sys
 
 import pytest
 import torch
 import torchvision
 from detectron2.checkpoint import DetectionCheckpointer
-from detectron2.config import get_cfg
 from detectron2.layers import ShapeSpec
 from detectron2.modeling import build_model
 from detectron2.modeling.backbone import build_resnet_backbone
 
-from ddetr_d2.config import add_deformable_detr_config
-from ddetr_d2.conversion import ConversionError, convert_torchvision_resnet, d2_resnet_to_torchvision
+from ddetr_d2.config import build_cfg
+from ddetr_d2.conversion import (
+    ConversionError,
+    convert_checkpoint,
+    convert_torchvision_resnet,
+    d2_resnet_to_torchvision,
+)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -25,13 +29,6 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 TOOL = os.path.join(REPO, "tools", "convert_weights.py")
-
-
-def _tool():
-    spec = importlib.util.spec_from_file_location("convert_weights", TOOL)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 def _randomize_bn(model, gen):
@@ -47,12 +44,8 @@ def _randomize_bn(model, gen):
 
 
 def _d2_resnet(depth):
-    cfg = get_cfg()
-    add_deformable_detr_config(cfg)
-    cfg.merge_from_file(os.path.join(REPO, "configs", "ddetr_r50.yaml"))
-    cfg.MODEL.RESNETS.DEPTH = depth
-    if depth < 50:
-        cfg.MODEL.RESNETS.RES2_OUT_CHANNELS = 64
+    opts = ["MODEL.RESNETS.DEPTH", depth] + (["MODEL.RESNETS.RES2_OUT_CHANNELS", 64] if depth < 50 else [])
+    cfg = build_cfg(os.path.join(REPO, "configs", "ddetr_r50.yaml"), opts)
     return build_resnet_backbone(cfg, ShapeSpec(channels=3)).eval()
 
 
@@ -63,7 +56,7 @@ def test_torchvision_pkl_loads_and_matches(tmp_path, arch, depth):
     src = tmp_path / f"{arch}.pth"
     torch.save(tv.state_dict(), src)
     out = tmp_path / f"{arch}.pkl"
-    assert _tool().main(["--from", "torchvision", str(src), str(out)]) == 0
+    assert convert_checkpoint("torchvision", str(src), str(out)) > 0
     with open(out, "rb") as f:
         data = pickle.load(f)
     assert data["__author__"] == "torchvision" and data["matching_heuristics"] is True
@@ -115,19 +108,51 @@ def test_round_trip_and_errors():
         convert_torchvision_resnet([1, 2])
 
 
-def test_cli_names_bad_input(tmp_path, monkeypatch, capsys):
+def _cli(*args):
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    return subprocess.run([sys.executable, TOOL, *args], capture_output=True, text=True, env=env, timeout=120)
+
+
+def test_cli_names_bad_input(tmp_path):
     src = tmp_path / "notes.pth"
     torch.save({"epoch": 3}, src)
     with pytest.raises(ConversionError, match="notes.pth.*not a state dict"):
-        _tool().main(["--from", "torchvision", str(src), str(tmp_path / "o.pkl")])
-    # the script entry point: exit status 2 and the message on stderr, no traceback
-    argv = ["convert_weights.py", "--from", "official", str(tmp_path / "nope.pth"), str(tmp_path / "o.pth")]
-    monkeypatch.setattr(sys, "argv", argv)
-    with pytest.raises(SystemExit) as exit_info:
-        runpy.run_path(TOOL, run_name="__main__")
-    assert exit_info.value.code == 2
-    err = capsys.readouterr().err
-    assert "nope.pth' does not exist" in err and "Traceback" not in err
+        convert_checkpoint("torchvision", str(src), str(tmp_path / "o.pkl"))
+    # the script: exit status 2 and one line on stderr, no traceback
+    p = _cli("--from", "official", str(tmp_path / "nope.pth"), str(tmp_path / "o.pth"))
+    assert p.returncode == 2, p.stderr
+    assert p.stderr.strip().splitlines() == [f"error: input '{tmp_path / 'nope.pth'}' does not exist"]
+
+
+def test_cli_output_folder_must_exist(tmp_path):
+    src = tmp_path / "r18.pth"
+    torch.save(torchvision.models.resnet18().state_dict(), src)
+    out = tmp_path / "no" / "such" / "dir" / "R-18.pkl"
+    p = _cli("--from", "torchvision", str(src), str(out))
+    assert p.returncode == 2, p.stderr
+    lines = p.stderr.strip().splitlines()
+    assert len(lines) == 1 and "output folder" in lines[0] and "does not exist" in lines[0], p.stderr
+    assert str(tmp_path / "no" / "such" / "dir") in lines[0]
+    assert not (tmp_path / "no").exists()
+
+
+def test_conversion_writes_atomically(tmp_path, monkeypatch):
+    """A failure while writing leaves the previous output intact and no temporary file."""
+    src = tmp_path / "r18.pth"
+    torch.save(torchvision.models.resnet18().state_dict(), src)
+    out = tmp_path / "R-18.pkl"
+    convert_checkpoint("torchvision", str(src), str(out))
+    before = out.read_bytes()
+
+    def dying_dump(obj, f):  # a crash half way through the write
+        f.write(b"partial")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pickle, "dump", dying_dump)
+    with pytest.raises(KeyboardInterrupt):
+        convert_checkpoint("torchvision", str(src), str(out))
+    assert out.read_bytes() == before
+    assert sorted(os.listdir(tmp_path)) == ["R-18.pkl", "r18.pth"]
 
 
 def test_pkl_as_model_weights_of_the_detector(tmp_path):
@@ -135,11 +160,8 @@ def test_pkl_as_model_weights_of_the_detector(tmp_path):
     gen = torch.Generator().manual_seed(3)
     tv = _randomize_bn(torchvision.models.resnet18(), gen)
     torch.save(tv.state_dict(), tmp_path / "r18.pth")
-    assert _tool().main(["--from", "torchvision", str(tmp_path / "r18.pth"), str(tmp_path / "R-18.pkl")]) == 0
-    cfg = get_cfg()
-    add_deformable_detr_config(cfg)
-    cfg.merge_from_file(os.path.join(REPO, "configs", "tiny_test.yaml"))
-    model = build_model(cfg)
+    assert convert_checkpoint("torchvision", str(tmp_path / "r18.pth"), str(tmp_path / "R-18.pkl")) > 0
+    model = build_model(build_cfg(os.path.join(REPO, "configs", "tiny_test.yaml")))
     DetectionCheckpointer(model).load(str(tmp_path / "R-18.pkl"))
     expected = convert_torchvision_resnet(tv.state_dict())
     got = {k[len("backbone.") :]: v for k, v in model.state_dict().items() if k.startswith("backbone.")}

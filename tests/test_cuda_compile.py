@@ -5,24 +5,12 @@ object for sm_80 and sm_90 (checked in the embedded cubins where readable), with
 own sources.
 """
 
-import importlib.util
 import os
 import subprocess
 
 import pytest
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def _load_tool():
-    path = os.path.join(REPO, "tools", "check_cuda_compile.py")
-    spec = importlib.util.spec_from_file_location("check_cuda_compile", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-tool = _load_tool()
+from ddetr_d2.ops import cuda_compile as tool
 
 
 def test_command_line_has_archs_and_build_flags():

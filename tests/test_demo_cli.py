@@ -3,17 +3,19 @@
 import os
 import subprocess
 import sys
-import types
 
 import cv2
 import numpy as np
 import pytest
 import torch
 
+from ddetr_d2.checkpoint import load_weights_checked
+from ddetr_d2.config import build_cfg
 from ddetr_d2.demo.cli import demo_main, sampling_grid, visualize_sampling_main
 from ddetr_d2.demo.io import DemoError, resolve_video_output
-from ddetr_d2.demo.predictor import VisualizationDemo, demo_metadata, load_weights_checked, setup_cfg
+from ddetr_d2.demo.predictor import VisualizationDemo, demo_metadata
 from ddetr_d2.demo.sampling import draw_sampling_points, points_inside
+from ddetr_d2.errors import WeightsError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = os.path.join(REPO, "configs", "tiny_test.yaml")
@@ -57,7 +59,7 @@ def _read_video(path):
 
 @pytest.fixture(scope="module")
 def demo():
-    cfg = setup_cfg(CONFIG, ["MODEL.DEVICE", "cpu"])
+    cfg = build_cfg(CONFIG, ["MODEL.DEVICE", "cpu"])
     return VisualizationDemo(cfg, confidence_threshold=0.0, show_sampling=True)
 
 
@@ -78,6 +80,7 @@ def test_image_mode_subprocess_writes_one_output_per_input(tmp_path, rng):
     env = dict(os.environ, MPLBACKEND="Agg", OMP_NUM_THREADS="1")  # 2 shared cores: no thread thrashing
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=str(tmp_path))
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "No checkpoint found" not in proc.stdout + proc.stderr  # no empty-weights load before the real one
     assert sorted(os.listdir(out)) == sorted(shapes)
     for name, hw in shapes.items():
         written = cv2.imread(str(out / name))
@@ -173,7 +176,7 @@ def test_weights_are_loaded_and_mismatches_named(tmp_path, demo):
     state["extra_head.weight"] = torch.zeros(3)
     bad = tmp_path / "bad.pth"
     torch.save({"model": state}, bad)
-    with pytest.raises(DemoError) as exc:
+    with pytest.raises(WeightsError) as exc:
         load_weights_checked(fresh, str(bad))
     err = str(exc.value)
     assert dropped in err and reshaped in err and "extra_head.weight" in err and "shape mismatch" in err
@@ -184,30 +187,13 @@ def test_weights_are_loaded_and_mismatches_named(tmp_path, demo):
 def test_metadata_fallbacks():
     from detectron2.data import MetadataCatalog
 
-    cfg = setup_cfg(CONFIG, ["DATASETS.TEST", "('no_such_dataset_xyz',)"])
+    cfg = build_cfg(CONFIG, ["DATASETS.TEST", "('no_such_dataset_xyz',)"])
     meta = demo_metadata(cfg)
     assert meta.thing_classes == [f"class {i}" for i in range(80)]
     MetadataCatalog.get("__demo_test_two_classes").set(thing_classes=["cat", "dog"])
-    cfg = setup_cfg(CONFIG, ["DATASETS.TEST", "('__demo_test_two_classes',)"])
+    cfg = build_cfg(CONFIG, ["DATASETS.TEST", "('__demo_test_two_classes',)"])
     meta = demo_metadata(cfg)
     assert meta.thing_classes[:3] == ["cat", "dog", "class 2"] and len(meta.thing_classes) == 80
-
-
-def test_track_delegates_to_ddetr_video(tmp_path, rng, monkeypatch):
-    video = tmp_path / "clip.mp4"
-    _write_video(video, 2, (64, 48), 5.0, rng)
-    calls = []
-    fake = types.ModuleType("ddetr_video.demo")
-    fake.track_video = lambda cfg, path, out, thr: (
-        calls.append((cfg, path, out, thr)) or str(tmp_path / "t.txt")
-    )
-    monkeypatch.setitem(sys.modules, "ddetr_video.demo", fake)
-    argv = ["--config-file", CONFIG, "--video", str(video), "--track", "--output", str(tmp_path / "trk")]
-    assert demo_main(argv + ["--confidence-threshold", "0.3"] + CPU) == 0
-    ((cfg, path, out, thr),) = calls
-    assert path == str(video) and out == str(tmp_path / "trk") and thr == 0.3 and cfg.MODEL.DEVICE == "cpu"
-    monkeypatch.setitem(sys.modules, "ddetr_video.demo", None)  # import now fails
-    assert demo_main(argv + CPU) == 1
 
 
 def _bad_cases(tmp):
@@ -220,6 +206,8 @@ def _bad_cases(tmp):
     (tmp / "a_file").write_text("x")
     cv2.imwrite(str(tmp / "ok.png"), np.zeros((40, 50, 3), np.uint8))
     _write_video(tmp / "ok.mp4", 2, (32, 32), 5.0, np.random.default_rng(0))
+    torch.save({"model": {"extra_head.weight": torch.zeros(3)}}, tmp / "other.pth")
+    (tmp / "truncated.pth").write_bytes(b"PK\x03\x04" + os.urandom(64))
     return [
         (["--input", str(tmp / "missing.png")], "no such file"),
         (["--input", str(tmp / "*.jpeg")], "glob matched no file"),
@@ -251,6 +239,18 @@ def _bad_cases(tmp):
             + ["MODEL.WEIGHTS", str(tmp / "w")],
             "weights file not found",
         ),
+        (
+            ["--input", str(tmp / "ok.png"), "--output", str(tmp / "o")]
+            + CPU
+            + ["MODEL.WEIGHTS", str(tmp / "other.pth")],
+            "unexpected in checkpoint: extra_head.weight",
+        ),
+        (
+            ["--video", str(tmp / "ok.mp4"), "--output", str(tmp / "o/")]
+            + CPU
+            + ["MODEL.WEIGHTS", str(tmp / "truncated.pth")],
+            "cannot load weights",
+        ),
         (["--input", str(tmp / "ok.png")] + CPU, "no display"),
     ]
 
@@ -259,10 +259,13 @@ def test_bad_inputs_give_clear_errors_and_non_zero_exit(tmp_path, capsys, monkey
     monkeypatch.delenv("DISPLAY", raising=False)
     monkeypatch.delenv("WAYLAND_DISPLAY", raising=False)
     for argv, message in _bad_cases(tmp_path):
-        assert demo_main(["--config-file", CONFIG] + argv) == 1, argv
+        before = set(os.listdir(tmp_path))
+        assert demo_main(["--config-file", CONFIG] + argv) == 2, argv
         err = capsys.readouterr().err
         assert "error:" in err and message in err, (argv, err)
-    assert demo_main(["--config-file", str(tmp_path / "nope.yaml"), "--input", str(tmp_path / "ok.png")]) == 1
+        assert len(err.strip().splitlines()) == 1, err  # one line, no traceback
+        assert set(os.listdir(tmp_path)) == before, argv  # a failed run creates no output folder
+    assert demo_main(["--config-file", str(tmp_path / "nope.yaml"), "--input", str(tmp_path / "ok.png")]) == 2
     assert "config file not found" in capsys.readouterr().err
 
 

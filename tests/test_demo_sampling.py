@@ -83,8 +83,9 @@ class _Transformer(nn.Module):
 class _ToyDETR(nn.Module):
     """What the recorder relies on: backbone(padded tensor), transformer.decoder.layers[-1].cross_attn."""
 
-    def __init__(self, d=16, levels=2, heads=2, points=3, queries=5):
+    def __init__(self, d=16, levels=2, heads=2, points=3, queries=5, ref_dim=2):
         super().__init__()
+        self.ref_dim = ref_dim  # 2: reference points (x, y); 4: boxes (cx, cy, w, h), as with box refinement
         self.backbone = nn.Conv2d(3, d, 8, stride=8)
         self.transformer = _Transformer(MSDeformAttn(d, levels, heads, points))
         self.query = nn.Parameter(torch.randn(queries, d))
@@ -104,22 +105,24 @@ class _ToyDETR(nn.Module):
         start = torch.cat([shapes.new_zeros(1), (shapes[:, 0] * shapes[:, 1]).cumsum(0)[:-1]])
         flat = torch.cat([f.flatten(2).transpose(1, 2) for f in feats], 1)
         query = self.query[None].expand(len(hs), -1, -1)
-        ref = torch.rand(len(hs), query.shape[1], self.levels, 2)
+        ref = torch.rand(len(hs), query.shape[1], self.levels, self.ref_dim)
         self.seen = dict(query=query, ref=ref, shapes=shapes, padded=(h_pad, w_pad))
         return self.transformer.decoder.layers[-1].cross_attn(query, ref, flat, shapes, start)
 
 
-def test_recorder_captures_the_call_of_the_last_cross_attention():
+@pytest.mark.parametrize("ref_dim", [2, 4])
+def test_recorder_captures_the_call_of_the_last_cross_attention(ref_dim):
     torch.manual_seed(int(np.random.default_rng().integers(1 << 30)))
-    model = _ToyDETR().eval()
+    model = _ToyDETR(ref_dim=ref_dim).eval()
     nn.init.normal_(model.transformer.decoder.layers[-1].cross_attn.sampling_offsets.weight, std=0.5)
     attn = model.transformer.decoder.layers[-1].cross_attn
-    assert attn.record_sampling is False
+    assert not hasattr(attn, "record_sampling")  # the shipped op keeps no recording state
     images = [torch.rand(3, 70, 101), torch.rand(3, 90, 64)]
     with SamplingRecorder(model) as rec, torch.no_grad():
         model([{"image": im} for im in images])
         records = [rec.latest(i) for i in range(2)]
-    assert attn.record_sampling is False and not attn._forward_pre_hooks and not model._forward_pre_hooks
+    hooked = [model, model.backbone, attn, attn.sampling_offsets, attn.attention_weights]
+    assert not any(m._forward_pre_hooks or m._forward_hooks for m in hooked)  # detach() removed them all
     seen = model.seen
     wh = seen["shapes"].flip(-1).double()  # (L, 2) as (W, H)
     with torch.no_grad():
@@ -128,8 +131,13 @@ def test_recorder_captures_the_call_of_the_last_cross_attention():
         assert r.input_hw == tuple(images[i].shape[-2:])
         assert r.padded_hw == seen["padded"] == (96, 128)
         np.testing.assert_allclose(r.reference, seen["ref"][i].numpy())
-        # independent float64 recomputation of loc = ref + offset / (W_l, H_l)
-        expected = seen["ref"][i].double()[:, None, :, None, :] + offsets[i] / wh[None, None, :, None, :]
+        # independent float64 recomputation: points: loc = ref + offset / (W_l, H_l);
+        # boxes: loc = centre + offset / P * (w, h) / 2
+        ref = seen["ref"][i].double()[:, None, :, None, :]
+        if ref_dim == 2:
+            expected = ref + offsets[i] / wh[None, None, :, None, :]
+        else:
+            expected = ref[..., :2] + offsets[i] / 3 * ref[..., 2:] / 2
         np.testing.assert_allclose(r.locations, expected.numpy(), atol=1e-5)
         assert r.weights.shape == (5, 2, 2, 3)
         np.testing.assert_allclose(r.weights.sum(axis=(-1, -2)), 1.0, atol=1e-5)
@@ -137,7 +145,7 @@ def test_recorder_captures_the_call_of_the_last_cross_attention():
     assert det.points.shape == (2, 2, 2, 3, 2) and det.reference_xy.shape == (2, 2)
     np.testing.assert_allclose(
         det.reference_xy[0],
-        seen["ref"][1, 4, 0].numpy() * np.array([128 * 128 / 64, 96 * 180 / 90]),
+        seen["ref"][1, 4, 0, :2].numpy() * np.array([128 * 128 / 64, 96 * 180 / 90]),
         rtol=1e-5,
     )
     with pytest.raises(ValueError, match="out of range"):

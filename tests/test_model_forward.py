@@ -1,6 +1,5 @@
 """Deformable DETR meta-architecture on the tiny config: training losses, gradients, inference outputs."""
 
-
 import pytest
 import torch
 from detectron2.modeling import build_model
@@ -195,3 +194,37 @@ def test_transformer_stage_api(variant):
     torch.testing.assert_close(hs, full[0])
     torch.testing.assert_close(init_ref, full[1])
     torch.testing.assert_close(inter_refs, full[2])
+
+
+def test_in_features_config():
+    """MODEL.DEFORMABLE_DETR.IN_FEATURES picks the backbone outputs; a missing one is a ConfigError."""
+    from ddetr_d2.errors import ConfigError
+
+    torch.manual_seed(0)
+    model = build_model(tiny_cfg(IN_FEATURES=["res4", "res5"], NUM_FEATURE_LEVELS=3))
+    assert model.in_features == ["res4", "res5"]
+    assert [p[0].in_channels for p in model.input_proj] == [256, 512, 512]
+    single = build_model(tiny_cfg(NUM_FEATURE_LEVELS=1))
+    assert single.in_features == ["res5"]
+    with pytest.raises(ConfigError, match=r"\['res6'\] not produced .*'res3', 'res4', 'res5'"):
+        build_model(tiny_cfg(IN_FEATURES=["res4", "res5", "res6"]))
+
+
+@pytest.mark.parametrize("aux", [True, False])
+def test_two_stage_proposal_losses_follow_aux_loss(aux):
+    """As the official code: without auxiliary losses the proposal (_enc) losses are not trained either."""
+    torch.manual_seed(0)
+    model = build_model(tiny_cfg(DEC_LAYERS=2, AUX_LOSS=aux, **VARIANTS["two_stage"]))
+    model.train()
+    losses = model(make_inputs([(64, 64)], [2], torch.Generator().manual_seed(1)))
+    expected = {"loss_ce", "loss_bbox", "loss_giou"}
+    if aux:
+        expected |= {
+            "loss_ce_0",
+            "loss_bbox_0",
+            "loss_giou_0",
+            "loss_ce_enc",
+            "loss_bbox_enc",
+            "loss_giou_enc",
+        }
+    assert set(losses) == expected

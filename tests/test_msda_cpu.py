@@ -11,6 +11,33 @@ from ddetr_d2.ops.ms_deform_attn_function import MSDeformAttnFunction
 
 _C = _extension.get_extension()
 needs_ext = pytest.mark.skipif(_C is None, reason=f"ddetr_d2._C not built: {_extension.extension_error()}")
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def testing_ext(request, tmp_path_factory):
+    """The test-only extension csrc/testing/ms_deform_attn_testing.cpp (naive kernels on the CUDA kernel's
+    bilinear header, thread probe), built once with the flags setup.py gives ddetr_d2._C and cached under
+    the pytest cache (rebuilt only when its sources change)."""
+    from torch.utils import cpp_extension
+
+    if request.config.cache is not None:
+        build_dir = str(request.config.cache.mkdir("ddetr_msda_testing_ext"))
+    else:
+        build_dir = str(tmp_path_factory.mktemp("ddetr_msda_testing_ext"))
+    csrc = os.path.join(REPO, "csrc")
+    try:
+        return cpp_extension.load(
+            name="ddetr_msda_testing",
+            sources=[os.path.join(csrc, "testing", "ms_deform_attn_testing.cpp"),
+                     os.path.join(csrc, "ms_deform_attn_checks.cpp")],
+            extra_include_paths=[csrc],
+            extra_cflags=["-O2", "-fopenmp", "-std=c++17"],
+            extra_ldflags=["-fopenmp"],
+            build_directory=build_dir,
+        )
+    except (RuntimeError, OSError) as e:  # no compiler / ninja on this machine
+        pytest.skip(f"cannot build the test-only extension: {e}")
 
 
 def level_index(shapes):
@@ -109,16 +136,15 @@ def test_float32_matches_float64_reference(N, Q, M, D, hw, P):
         assert_close(gk, gr, 1e-4, name)
 
 
-@needs_ext
-def test_naive_header_path_matches_reference():
+def test_naive_header_path_matches_reference(testing_ext):
     """The per-channel ddetr::bilinear_sample(_backward) functions the CUDA kernel is built on."""
     g = torch.Generator().manual_seed(3)
     inputs = make_case(g, 2, 23, 3, 5, [(7, 13), (2, 3), (1, 1)], 3)
     grad_out = torch.randn(2, 23, 15, generator=g, dtype=torch.float64)
     ref_out, ref_grads = reference_with_grads(*inputs, grad_out)
-    assert_close(_C._ms_deform_attn_forward_naive(*inputs), ref_out, 1e-12, "naive output")
+    assert_close(testing_ext.ms_deform_attn_forward_naive(*inputs), ref_out, 1e-12, "naive output")
     for name, gk, gr in zip(
-        ("value", "loc", "attn"), _C._ms_deform_attn_backward_naive(*inputs, grad_out), ref_grads
+        ("value", "loc", "attn"), testing_ext.ms_deform_attn_backward_naive(*inputs, grad_out), ref_grads
     ):
         assert_close(gk, gr, 1e-11, f"naive grad_{name}")
     # half / bfloat16 storage with float accumulation, as on the GPU
@@ -126,7 +152,7 @@ def test_naive_header_path_matches_reference():
         v, s, st, loc, a = inputs
         low = (v.to(dtype), s, st, loc.to(dtype), a.to(dtype))
         exact = ms_deform_attn_pytorch(*(t.double() if t.is_floating_point() else t for t in low))
-        out = _C._ms_deform_attn_forward_naive(*low)
+        out = testing_ext.ms_deform_attn_forward_naive(*low)
         assert out.dtype == dtype
         assert_close(out, exact, tol, f"naive {dtype} output")
 
@@ -206,12 +232,22 @@ def test_backward_deterministic_and_thread_independent():
             assert torch.equal(a, b)
 
 
-@needs_ext
-def test_runs_on_several_threads():
+def test_runs_on_several_threads(testing_ext):
+    """The compile flags of ddetr_d2._C (-fopenmp, as in setup.py) make at::parallel_for use every thread."""
     threads = torch.get_num_threads()
     if threads < 2:
         pytest.skip("torch.get_num_threads() < 2")
-    assert _C._parallel_threads_used(8) == min(threads, 8)
+    assert testing_ext.parallel_threads_used(8) == min(threads, 8)
+
+
+@needs_ext
+def test_shipped_extension_has_openmp_parallel_regions_and_no_test_hooks():
+    """ddetr_d2._C calls into the OpenMP runtime (its at::parallel_for loops were compiled with -fopenmp)
+    and carries none of the test-only functions."""
+    with open(_C.__file__, "rb") as f:
+        binary = f.read()
+    assert b"GOMP_parallel" in binary
+    assert not [name for name in dir(_C) if "naive" in name or "threads_used" in name]
 
 
 @needs_ext

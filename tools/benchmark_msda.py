@@ -20,6 +20,8 @@ CPU time, which is steadier than wall time on a loaded machine (both ops use the
 Usage: python tools/benchmark_msda.py [--quick] [--threads N] [--no-memory]
 """
 
+# first: sets the OpenMP wait policy before torch loads
+import ddetr_d2  # noqa: F401, I001
 import argparse
 import json
 import os

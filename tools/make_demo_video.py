@@ -1,47 +1,38 @@
 #!/usr/bin/env python
-"""Write a short synthetic MP4 of the quickstart's shape classes moving over a fixed background.
+"""Write a short synthetic MP4: a camera panning across a large image of the quickstart's shape classes.
 
     python tools/make_demo_video.py OUT.mp4 [--frames 48] [--size 224 160] [--fps 12] [--seed 0]
 
-Used by ``make quickstart`` to show the demo's video mode on data the project generates itself.
+Used by ``make quickstart`` to show the demo's video mode on data the project generates itself. The
+image is the synthetic dataset's own (``ddetr_d2.data.synthetic.render_image``), 1.6x the frame size;
+the frames are a window sliding diagonally across it, written by the demo's ``VideoSink``.
 """
 
+# first: sets the OpenMP wait policy before torch loads
+import ddetr_d2  # noqa: F401, I001
 import argparse
 import sys
 
 import cv2
 import numpy as np
 
-from ddetr_d2.data.synthetic import SHAPE_CLASSES, _background, _polygon
+from ddetr_d2.data.synthetic import render_image
+from ddetr_d2.demo.io import VideoSink
+
+PAN_SCALE = 1.6  # the panned image is this many times the frame size
 
 
-def render_video(path, num_frames=48, width=224, height=160, fps=12.0, seed=0, num_objects=4):
-    """Render ``num_frames`` frames of ``num_objects`` shapes moving on straight lines; returns the path."""
-    rs = np.random.RandomState(seed)
-    background = _background(height, width, rs)
-    objects = []
-    for k in range(num_objects):
-        kind = SHAPE_CLASSES[k % len(SHAPE_CLASSES)]
-        size = rs.uniform(0.25, 0.4) * min(width, height)
-        start = rs.uniform([size / 2, size / 2], [width - size / 2, height - size / 2])
-        velocity = rs.uniform(-1.5, 1.5, size=2)
-        color = tuple(int(c) for c in rs.randint(0, 256, size=3))
-        objects.append((kind, size, start, velocity, color, rs.uniform(0, np.pi)))
-    writer = cv2.VideoWriter(path, cv2.VideoWriter_fourcc(*"mp4v"), fps, (width, height))
-    if not writer.isOpened():
-        raise RuntimeError(f"cannot open a video writer for {path!r}")
-    try:
-        for t in range(num_frames):
-            frame = background.copy()
-            for kind, size, start, velocity, color, angle in objects:
-                cx, cy = start + velocity * t
-                cx, cy = np.clip(cx, size / 2, width - size / 2), np.clip(cy, size / 2, height - size / 2)
-                poly = _polygon(kind, cx, cy, size, angle, np.random.RandomState(0))
-                cv2.fillPoly(frame, [np.round(poly).astype(np.int32)], color, lineType=cv2.LINE_AA)
-            writer.write(cv2.cvtColor(frame, cv2.COLOR_RGB2BGR))
-    finally:
-        writer.release()
-    return path
+def render_video(path, num_frames=48, width=224, height=160, fps=12.0, seed=0, max_objects=8):
+    """Render ``num_frames`` frames of a window panning across one synthetic image; returns the file
+    written (``path``, or its ``.avi`` fallback where OpenCV has no MP4 writer)."""
+    big_w, big_h = int(round(width * PAN_SCALE)), int(round(height * PAN_SCALE))
+    image_rgb, _ = render_image(np.random.RandomState(seed), big_w, big_h, max_objects=max_objects)
+    image_bgr = cv2.cvtColor(image_rgb, cv2.COLOR_RGB2BGR)
+    with VideoSink(path, fps, (width, height)) as sink:
+        for t in np.linspace(0.0, 1.0, num_frames):
+            x, y = int(round(t * (big_w - width))), int(round(t * (big_h - height)))
+            sink.write(image_bgr[y : y + height, x : x + width])
+    return sink.path
 
 
 def main(argv=None):

@@ -7,6 +7,8 @@ Use it with ``tools/train_net.py --dataset NAME=ROOT/SPLIT/annotations.json:ROOT
 The built-in ``synthetic_shapes_{train,val}`` datasets are generated automatically on first use instead.
 """
 
+# first: sets the OpenMP wait policy before torch loads
+import ddetr_d2  # noqa: F401, I001
 import argparse
 
 from ddetr_d2.data.synthetic import SHAPE_CLASSES, make_synthetic_coco

@@ -4,12 +4,17 @@
     python tools/make_synthetic_mot.py --root datasets/synthetic_mot --train 8 --val 3 --frames 40
     python tools/make_synthetic_mot.py --root datasets/synthetic_mot --check   # validate with the MOT loader
     python tools/make_synthetic_mot.py --benchmark                             # numpy vs numba rasteriser
+    python tools/make_synthetic_mot.py --eval-splits   # <root>_tune and <root>_hard (hard_val), as registered
 
 Without --root the set goes to ``$DDETR_DATASETS/synthetic_mot`` (default ``./datasets/synthetic_mot``),
 the place where the ``synthetic_mot_train`` / ``synthetic_mot_val`` Detectron2 datasets look for
-(and lazily create) it.
+(and lazily create) it. ``--eval-splits`` writes the threshold-tuning split (``synthetic_mot_tune``, at
+``<root>_tune``) and the harder split (``synthetic_mot_hard_val``, ``<root>_hard``) instead; the harder
+generator's options are ``--extra-crossings``, ``--occlusion-frames`` and ``--camera-motion``.
 """
 
+# first: sets the OpenMP wait policy before torch loads
+import ddetr_d2  # noqa: F401, I001
 import argparse
 import os
 import sys
@@ -21,7 +26,7 @@ import numpy as np
 def _benchmark(args) -> None:
     import cv2
 
-    from ddetr_video import numba_kernels as nk
+    from ddetr_video import rasterize as nk
     from ddetr_video.synthetic_video import SyntheticVideo, SyntheticVideoConfig
 
     for size in [(224, 160, 18, 40, 6), (640, 480, 40, 120, 12)]:
@@ -90,6 +95,12 @@ def main(argv=None) -> int:
     p.add_argument("--height", type=int, default=160)
     p.add_argument("--objects", type=int, default=6, help="identities per sequence (>= 4)")
     p.add_argument("--seed", type=int, default=2024)
+    p.add_argument("--extra-crossings", type=int, default=0, help="more look-alike crossing pairs")
+    p.add_argument("--occlusion-frames", type=int, default=0, help="look-alike pairs hidden this many frames")
+    p.add_argument("--camera-motion", type=float, default=0.0, help="max camera pan, px/frame")
+    p.add_argument(
+        "--eval-splits", action="store_true", help="write the tune and hard_val splits (registered settings)"
+    )
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--check", action="store_true", help="validate an existing set with the MOT loader")
     p.add_argument("--benchmark", action="store_true", help="time the numpy and numba rasterisers")
@@ -105,9 +116,24 @@ def main(argv=None) -> int:
     from ddetr_video.synthetic_video import SyntheticVideoConfig, generate_dataset
 
     root = args.root or synthetic_mot_root()
+    if args.eval_splits:
+        from detectron2.data import DatasetCatalog
+
+        from ddetr_video.datasets import register_synthetic_eval_splits
+
+        names = register_synthetic_eval_splits(root, prefix="make_synthetic_mot", seed=args.seed)
+        for split, name in names.items():
+            print(f"{split}: {len(DatasetCatalog.get(name))} frames at {root}_{split.split('_')[0]}")
+        return 0
     if not args.check:
         cfg = SyntheticVideoConfig(
-            num_frames=args.frames, width=args.width, height=args.height, num_objects=args.objects
+            num_frames=args.frames,
+            width=args.width,
+            height=args.height,
+            num_objects=args.objects,
+            extra_crossings=args.extra_crossings,
+            occlusion_frames=args.occlusion_frames,
+            camera_motion=args.camera_motion,
         )
         t0 = time.perf_counter()
         generate_dataset(

@@ -5,6 +5,8 @@ python tools/plot_metrics.py output/quickstart            # -> output/quickstart
 python tools/plot_metrics.py output/quickstart --out curve.png --keys loss_ce loss_bbox
 """
 
+# first: sets the OpenMP wait policy before torch loads
+import ddetr_d2  # noqa: F401, I001
 import argparse
 import json
 import os
@@ -82,4 +84,8 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except (FileNotFoundError, ValueError) as e:  # no metrics.json / nothing to plot: one line
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)

@@ -5,7 +5,7 @@ Examples::
 
     # quick start on the synthetic shapes (CPU, generated on first use)
     python tools/train_net.py --config-file configs/quickstart.yaml
-    # evaluate a checkpoint
+    # evaluate a checkpoint (its keys and shapes must fit the config's model, or --allow-mismatch)
     python tools/train_net.py --config-file configs/quickstart.yaml --eval-only \\
         MODEL.WEIGHTS output/quickstart/model_final.pth
     # your own COCO-format data
@@ -14,60 +14,45 @@ Examples::
         DATASETS.TRAIN '("mytrain",)' DATASETS.TEST '("myval",)' MODEL.DEFORMABLE_DETR.NUM_CLASSES 3
     # 2 processes (GPUs: NCCL; with MODEL.DEVICE cpu: gloo on CPU processes)
     python tools/train_net.py --config-file ... --num-gpus 2
-    # continue an interrupted run from OUTPUT_DIR/last_checkpoint
+    # continue an interrupted run (SIGTERM / Ctrl-C save a checkpoint) from OUTPUT_DIR/last_checkpoint
     python tools/train_net.py --config-file ... --resume
+
+Before the model is built, every dataset in DATASETS.TRAIN / DATASETS.TEST is validated (missing
+images, invalid boxes, unknown categories, NUM_CLASSES). User errors print ``error: ...`` and exit 2;
+SIGTERM / SIGINT save a checkpoint and exit 143 / 130 (docs/training.md).
 """
 
+# first: sets the OpenMP wait policy before torch loads
+import ddetr_d2  # noqa: F401, I001
 import json
 import logging
 import os
+import sys
 
 import torch
-from detectron2.config import get_cfg
 from detectron2.engine import default_argument_parser, default_setup
-from detectron2.evaluation import verify_results
 from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
-from torch.nn.parallel import DistributedDataParallel
 
-from ddetr_d2 import add_deformable_detr_config
-from ddetr_d2.checkpoint import AtomicDetectionCheckpointer, CheckpointError  # noqa: F401  (re-exported)
+from ddetr_d2.config import setup_cfg
 from ddetr_d2.data import parse_dataset_spec, register_coco_folder
 from ddetr_d2.engine import DeformableDetrTrainer as Trainer
-from ddetr_d2.engine import is_cpu, launch_processes
-
-
-class RankWeightsDumper:
-    """After training, every rank writes ``DIR/rank{r}.pth`` (its model's state_dict); used to
-    check that data-parallel replicas stay identical."""
-
-    def __init__(self, out_dir):
-        self.out_dir = out_dir
-
-    def __call__(self, model):
-        os.makedirs(self.out_dir, exist_ok=True)
-        model = model.module if isinstance(model, DistributedDataParallel) else model
-        state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-        torch.save(state, os.path.join(self.out_dir, f"rank{comm.get_rank()}.pth"))
+from ddetr_d2.engine import is_cpu, run_entry_point, train_or_evaluate
+from ddetr_d2.errors import ConfigError
 
 
 def _check_config(cfg):
     if cfg.SOLVER.AMP.ENABLED and (is_cpu(cfg) or not torch.cuda.is_available()):
-        raise ValueError(
+        raise ConfigError(
             "SOLVER.AMP.ENABLED=True needs a CUDA device (detectron2's AMPTrainer is CUDA-only); "
             "set SOLVER.AMP.ENABLED False or MODEL.DEVICE cuda"
         )
     if not is_cpu(cfg) and not torch.cuda.is_available():
-        raise ValueError(f"MODEL.DEVICE={cfg.MODEL.DEVICE} but CUDA is not available; add MODEL.DEVICE cpu")
+        raise ConfigError(f"MODEL.DEVICE={cfg.MODEL.DEVICE} but CUDA is not available; add MODEL.DEVICE cpu")
 
 
 def setup(args):
-    cfg = get_cfg()
-    add_deformable_detr_config(cfg)
-    if args.config_file:
-        cfg.merge_from_file(args.config_file)
-    cfg.merge_from_list(args.opts)
-    cfg.freeze()
+    cfg = setup_cfg(args)
     _check_config(cfg)
     for spec in args.dataset:
         register_coco_folder(*parse_dataset_spec(spec))
@@ -95,39 +80,10 @@ def _save_results(cfg, results):
 
 def main(args):
     cfg = setup(args)
-    if args.eval_only:
-        model = Trainer.build_model(cfg)
-        AtomicDetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(
-            cfg.MODEL.WEIGHTS, resume=args.resume
-        )
-        res = Trainer.test(cfg, model)
-        if comm.is_main_process():
-            verify_results(cfg, res)
-            _save_results(cfg, res)
-        return res
-
-    trainer = Trainer(cfg)
-    trainer.resume_or_load(resume=args.resume)
-    trainer.train()
-    res = getattr(trainer, "_last_eval_results", None)
-    if args.dump_rank_weights:
-        RankWeightsDumper(args.dump_rank_weights)(trainer.model)
-    if not res and len(cfg.DATASETS.TEST) and cfg.TEST.EVAL_PERIOD == 0:
-        # no periodic evaluation configured: evaluate the final model once
-        res = Trainer.test(cfg, trainer.model)
+    res = train_or_evaluate(cfg, args, Trainer)
     if res and comm.is_main_process():
         _save_results(cfg, res)
     return res
-
-
-def _device_from_args(args):
-    """MODEL.DEVICE as it will be after merging the config file and --opts (before launching)."""
-    cfg = get_cfg()
-    add_deformable_detr_config(cfg)
-    if args.config_file:
-        cfg.merge_from_file(args.config_file)
-    cfg.merge_from_list(args.opts)
-    return cfg.MODEL.DEVICE
 
 
 def build_parser():
@@ -140,10 +96,9 @@ def build_parser():
         help="register a COCO-format dataset under NAME (repeatable); use it in DATASETS.TRAIN/TEST",
     )
     parser.add_argument(
-        "--dump-rank-weights",
-        default="",
-        metavar="DIR",
-        help="after training, every process saves its model weights to DIR/rank{r}.pth (DDP sanity check)",
+        "--allow-mismatch",
+        action="store_true",
+        help="--eval-only: log (instead of refusing) MODEL.WEIGHTS keys/shapes that do not fit the model",
     )
     return parser
 
@@ -151,4 +106,4 @@ def build_parser():
 if __name__ == "__main__":
     args = build_parser().parse_args()
     print("Command Line Args:", args)
-    launch_processes(main, args, cpu=str(_device_from_args(args)).startswith("cpu"))
+    sys.exit(run_entry_point(main, args, setup_cfg))

@@ -9,6 +9,8 @@ Example::
         --confidence-threshold 0.5 --opts MODEL.WEIGHTS out/model_final.pth MODEL.DEVICE cpu
 """
 
+# first: sets the OpenMP wait policy before torch loads
+import ddetr_d2  # noqa: F401, I001
 import sys
 
 from ddetr_d2.demo.cli import visualize_sampling_main

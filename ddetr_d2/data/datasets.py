@@ -5,7 +5,8 @@
   temporary folder that is renamed into place, under a file lock, so concurrent processes
   (DDP ranks, parallel test runs) never see a half-written split.
 * :func:`register_coco_folder` registers any COCO-format json + image folder; its loader checks
-  the json first and names the file / annotation at fault.
+  the json first and names the file / annotation at fault (the full pre-flight check, images
+  included, is :func:`~ddetr_d2.data.validation.check_datasets`).
 * ``coco_2017_*`` come from detectron2's own builtin registration (``$DETECTRON2_DATASETS``).
 """
 
@@ -13,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import json
 import logging
 import os
 import shutil
@@ -22,7 +22,9 @@ import tempfile
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data.datasets import load_coco_json
 
+from ..errors import ConfigError
 from .synthetic import FORMAT_VERSION, SHAPE_CLASSES, SHAPE_COLORS, make_synthetic_coco
+from .validation import INVALID_BOX, coco_structure_problems, drop_invalid_boxes, raise_if_problems
 
 __all__ = [
     "SYNTHETIC_SPLITS",
@@ -94,8 +96,12 @@ def register_synthetic_shapes(root: str | None = None) -> None:
             json_file = ensure_synthetic_split(split_root, split, num_images, seed, SYNTHETIC_IMAGE_SIZE)
             return load_checked_coco_json(json_file, os.path.join(split_root, split, "images"), name)
 
+        def _prepare(split_root=split_root, split=split, num_images=num_images, seed=seed):
+            ensure_synthetic_split(split_root, split, num_images, seed, SYNTHETIC_IMAGE_SIZE)
+
         DatasetCatalog.register(name, _load)
         MetadataCatalog.get(name).set(
+            prepare=_prepare,  # generation before the pre-flight validation (validation.py)
             thing_classes=list(SHAPE_CLASSES),
             thing_colors=[list(c) for c in SHAPE_COLORS],
             json_file=os.path.join(split_root, split, "annotations.json"),
@@ -104,53 +110,22 @@ def register_synthetic_shapes(root: str | None = None) -> None:
         )
 
 
-def _check_coco_json(json_file: str, image_root: str) -> None:
-    """Validate a COCO json before detectron2 parses it; raise ValueError naming the fault."""
-    if not os.path.isfile(json_file):
-        raise FileNotFoundError(f"COCO annotation file not found: {json_file}")
-    try:
-        with open(json_file) as f:
-            data = json.load(f)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{json_file} is not valid json: {e}") from e
-    for key in ("images", "annotations", "categories"):
-        if key not in data:
-            raise ValueError(f"{json_file}: missing top-level key '{key}' (not a COCO instances file?)")
-    cat_ids = {c["id"] for c in data["categories"]}
-    images = {im["id"]: im for im in data["images"]}
-    n_degenerate = 0
-    for ann in data["annotations"]:
-        aid = ann.get("id", "?")
-        im = images.get(ann.get("image_id"))
-        if im is None:
-            raise ValueError(
-                f"{json_file}: annotation id={aid} refers to image_id={ann.get('image_id')} "
-                "which is not in 'images'"
-            )
-        where = f"{json_file}: annotation id={aid} (image {os.path.join(image_root, im['file_name'])})"
-        if ann.get("category_id") not in cat_ids:
-            raise ValueError(
-                f"{where} has category_id={ann.get('category_id')}, which is not one of the "
-                f"dataset's categories {sorted(cat_ids)}"
-            )
-        box = ann.get("bbox")
-        if not (isinstance(box, list) and len(box) == 4):
-            raise ValueError(f"{where} has bbox={box!r}; expected [x, y, w, h]")
-        x, y, w, h = box
-        W, H = im.get("width", float("inf")), im.get("height", float("inf"))
-        if w <= 0 or h <= 0 or x >= W or y >= H or x + w <= 0 or y + h <= 0:
-            n_degenerate += 1
-    if n_degenerate:
-        logger.warning(
-            f"{json_file}: {n_degenerate} annotation(s) have zero area or lie outside their image; "
-            "they are clipped to the image and dropped if empty (as detectron2 does)"
-        )
-
-
 def load_checked_coco_json(json_file: str, image_root: str, dataset_name: str | None = None):
-    """``load_coco_json`` after :func:`_check_coco_json`."""
-    _check_coco_json(json_file, image_root)
-    return load_coco_json(json_file, image_root, dataset_name)
+    """``load_coco_json`` after the json checks of :func:`~ddetr_d2.data.validation.validate_coco_json`
+    (images are not stat-ed again; a json this process's pre-flight check has read is not parsed again):
+    a structural fault raises ``DatasetValidationError`` naming it; invalid boxes (only present when
+    ``DATASETS.INVALID_BOXES`` is "drop", since the pre-flight check stops on them otherwise) are
+    removed, counted and logged, never handed to the box transforms."""
+    problems = coco_structure_problems(json_file, image_root)
+    raise_if_problems([p for p in problems if p.kind != INVALID_BOX], dataset_name or json_file)
+    dicts = load_coco_json(json_file, image_root, dataset_name)
+    dropped = drop_invalid_boxes(dicts)
+    if dropped:
+        logger.warning(
+            f"{dataset_name or json_file}: {dropped} annotation(s) have zero area or lie outside their "
+            "image (or are NaN/inf): dropped, not trained on (DATASETS.INVALID_BOXES)"
+        )
+    return dicts
 
 
 def register_coco_folder(name: str, json_file: str, image_root: str, metadata: dict | None = None) -> None:
@@ -160,7 +135,7 @@ def register_coco_folder(name: str, json_file: str, image_root: str, metadata: d
         old = MetadataCatalog.get(name)
         if getattr(old, "json_file", None) == json_file and getattr(old, "image_root", None) == image_root:
             return
-        raise ValueError(f"dataset '{name}' is already registered with other files")
+        raise ConfigError(f"dataset '{name}' is already registered with other files")
     DatasetCatalog.register(name, lambda: load_checked_coco_json(json_file, image_root, name))
     MetadataCatalog.get(name).set(
         json_file=json_file, image_root=image_root, evaluator_type="coco", **(metadata or {})
@@ -170,9 +145,9 @@ def register_coco_folder(name: str, json_file: str, image_root: str, metadata: d
 def parse_dataset_spec(spec: str):
     """``"name=path/to/annotations.json:path/to/images"`` -> (name, json_file, image_root)."""
     if "=" not in spec or ":" not in spec.split("=", 1)[1]:
-        raise ValueError(f"--dataset expects NAME=JSON:IMAGE_DIR, got {spec!r}")
+        raise ConfigError(f"--dataset expects NAME=JSON:IMAGE_DIR, got {spec!r}")
     name, rest = spec.split("=", 1)
     json_file, image_root = rest.rsplit(":", 1)
     if not name or not json_file or not image_root:
-        raise ValueError(f"--dataset expects NAME=JSON:IMAGE_DIR, got {spec!r}")
+        raise ConfigError(f"--dataset expects NAME=JSON:IMAGE_DIR, got {spec!r}")
     return name, json_file, image_root

@@ -1,4 +1,9 @@
-"""Command lines of tools/demo.py and tools/visualize_sampling.py (here so tests can call them in-process)."""
+"""Command lines of tools/demo.py and tools/visualize_sampling.py (here so tests can call them in-process).
+
+The detection demo knows nothing of tracking: the video add-on's tracking demo
+(``ddetr_video.demo``) extends :func:`get_demo_parser` and reuses :func:`run_cli`, and
+``tools/demo.py`` hands ``--track`` to it.
+"""
 
 import argparse
 import logging
@@ -9,29 +14,45 @@ import time
 import cv2
 import numpy as np
 
+from ddetr_d2.config import build_cfg
+from ddetr_d2.errors import UserError
+
 from .io import (
     DemoError,
-    VideoSink,
     expand_inputs,
     has_display,
-    iter_frames,
     open_video,
+    process_video,
     read_image_bgr,
     resolve_image_output,
     resolve_video_output,
-    video_properties,
 )
 
-__all__ = ["demo_main", "visualize_sampling_main", "get_demo_parser", "get_visualize_sampling_parser"]
+__all__ = [
+    "demo_main",
+    "visualize_sampling_main",
+    "get_demo_parser",
+    "get_visualize_sampling_parser",
+    "run_cli",
+    "setup_demo_logging",
+    "check_threshold",
+    "sampling_grid",
+]
 
 logger = logging.getLogger("ddetr_d2.demo")
 WINDOW_NAME = "ddetr-d2 detections"
 
 
-def get_demo_parser():
-    parser = argparse.ArgumentParser(
-        description="Deformable DETR demo on images, a video file or a webcam (Detectron2 style).",
+def get_demo_parser(**parser_kwargs):
+    """
+    The demo's command line (every flag is defined here). ``parser_kwargs`` go to
+    ``argparse.ArgumentParser`` (e.g. ``prog``, ``description``, ``epilog``); the tracking demo adds
+    its own flags to the returned parser.
+    """
+    parser_kwargs.setdefault(
+        "description", "Deformable DETR demo on images, a video file or a webcam (Detectron2 style)."
     )
+    parser = argparse.ArgumentParser(**parser_kwargs)
     parser.add_argument("--config-file", required=True, metavar="FILE", help="path to a config file")
     parser.add_argument("--webcam", action="store_true", help="take frames from webcam 0")
     parser.add_argument("--video", "--video-input", dest="video", metavar="PATH", help="path to a video file")
@@ -51,12 +72,16 @@ def get_demo_parser():
         "(colour = feature level, size = attention weight, cross = reference point)",
     )
     parser.add_argument(
-        "--track",
-        action="store_true",
-        help="with --video: run the query-propagation tracker (ddetr_video) and write MOT-format results",
+        "--allow-mismatch", action="store_true", help="load weights that do not match the config (warn only)"
     )
     parser.add_argument(
-        "--allow-mismatch", action="store_true", help="load weights that do not match the config (warn only)"
+        "--backend",
+        choices=("pytorch", "onnxruntime"),
+        default="pytorch",
+        help="run the PyTorch model (MODEL.WEIGHTS) or an exported model (--onnx-model) with onnxruntime",
+    )
+    parser.add_argument(
+        "--onnx-model", metavar="FILE", help="model.onnx from tools/export_model.py (--backend onnxruntime)"
     )
     parser.add_argument(
         "--opts",
@@ -67,7 +92,23 @@ def get_demo_parser():
     return parser
 
 
-def _setup_logging():
+def run_cli(run, argv, prog):
+    """
+    Run ``run(argv)`` as a command line: a :class:`~ddetr_d2.errors.UserError` (bad input, config,
+    weights, output) is printed as one line ``<prog>: error: <message>`` and gives exit code 2; any
+    other exception is a bug and keeps its traceback. Returns the exit code (0 on success).
+    """
+    try:
+        run(argv)
+    except UserError as e:
+        message = " ".join(str(e).split())  # one line, whatever the message holds
+        print(f"{prog}: error: {message}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def setup_demo_logging():
+    """Detectron2-style console logging of fvcore, detectron2 and ddetr_d2 (checkpoint and progress lines)."""
     from detectron2.utils.logger import setup_logger
 
     setup_logger(name="fvcore")
@@ -75,7 +116,8 @@ def _setup_logging():
     setup_logger(name="ddetr_d2")
 
 
-def _check_threshold(value):
+def check_threshold(value):
+    """DemoError unless ``value`` (--confidence-threshold) is in [0, 1]."""
     if not 0.0 <= value <= 1.0:
         raise DemoError(f"--confidence-threshold must be in [0, 1], got {value}")
 
@@ -104,119 +146,53 @@ def _run_images(demo, args):
 
 
 def _run_video(demo, args):
-    from tqdm import tqdm
-
-    cap = open_video(args.video)
-    try:
-        width, height, fps, num_frames = video_properties(cap)
-        sink = None
-        if args.output:
-            sink = VideoSink(resolve_video_output(args.output, args.video), fps, (width, height))
-        try:
-            frames = tqdm(iter_frames(cap), total=num_frames, unit="frame", desc=os.path.basename(args.video))
-            for vis in demo.run_on_video(frames):
-                if sink is not None:
-                    sink.write(vis)
-                else:
-                    cv2.namedWindow(os.path.basename(args.video), cv2.WINDOW_NORMAL)
-                    cv2.imshow(os.path.basename(args.video), vis)
-                    if cv2.waitKey(1) == 27:
-                        break
-        finally:
-            if sink is not None:
-                sink.close()
-    finally:
-        cap.release()
-    if sink is not None:
-        if sink.num_frames == 0:
-            raise DemoError(f"no frame could be read from {args.video}")
-        logger.info("wrote %d frames (%dx%d, %.2f fps) to %s", sink.num_frames, width, height, fps, sink.path)
-        return [sink.path]
-    return []
-
-
-def _run_webcam(demo, args):
-    from tqdm import tqdm
-
-    cap = open_video(0)
-    try:
-        if args.output is None and not has_display():
-            raise DemoError("no display to show the webcam on (headless machine); pass --output to record")
-        width, height, fps, _ = video_properties(cap)
-        sink = (
-            VideoSink(resolve_video_output(args.output, None), fps, (width, height)) if args.output else None
-        )
-        try:
-            for vis in tqdm(demo.run_on_video(iter_frames(cap)), unit="frame", desc="webcam"):
-                if sink is not None:
-                    sink.write(vis)
-                if has_display():
-                    cv2.namedWindow(WINDOW_NAME, cv2.WINDOW_NORMAL)
-                    cv2.imshow(WINDOW_NAME, vis)
-                    if cv2.waitKey(1) == 27:  # Esc quits
-                        break
-        except KeyboardInterrupt:
-            pass
-        finally:
-            if sink is not None:
-                sink.close()
-    finally:
-        cap.release()
-        if has_display():
-            cv2.destroyAllWindows()
+    """A video file, or with --webcam camera 0 (shown where there is a display, recorded with --output)."""
+    source = 0 if args.webcam else args.video
+    out_path = resolve_video_output(args.output, args.video) if args.output else None
+    show = has_display() if args.webcam else out_path is None
+    sink = process_video(source, demo.run_on_video, out_path, show=show)
     return [sink.path] if sink is not None else []
 
 
-def _run_track(cfg, args):
-    if not args.video:
-        raise DemoError("--track needs --video PATH")
-    if args.webcam or args.input:
-        raise DemoError("--track works on --video only (not with --input or --webcam)")
-    try:
-        from ddetr_video.demo import track_video
-    except ImportError as e:
-        raise DemoError(
-            f"--track needs the video add-on package ddetr_video (video/ddetr_video) with demo.track_video; "
-            f"import failed: {e}"
-        ) from e
-    open_video(args.video).release()  # same clear errors as the detection demo for a bad video
-    try:
-        result = track_video(cfg, args.video, args.output, args.confidence_threshold)
-    except (OSError, ValueError) as e:  # bad output path, weights, config for the tracker
-        raise DemoError(f"tracking {args.video} failed: {type(e).__name__}: {e}") from e
-    logger.info("tracking results written to %s", result)
-    return [result]
-
-
-def _run_demo(argv):
-    args = get_demo_parser().parse_args(argv)
-    _setup_logging()
+def _check_inputs_and_outputs(args):
+    """Fail on bad inputs and output paths before the model is built; creates nothing."""
     modes = sum(bool(x) for x in (args.input, args.video, args.webcam))
     if modes != 1:
         raise DemoError("give exactly one of --input, --video (--video-input) or --webcam")
-    _check_threshold(args.confidence_threshold)
-    # fail on bad inputs and outputs before building the model
+    check_threshold(args.confidence_threshold)
     if not os.path.isfile(args.config_file):
         raise DemoError(f"config file not found: {args.config_file}")
     if args.input:
         files = expand_inputs(args.input)
         if args.output:
-            resolve_image_output(args.output, files[0], len(files))
+            resolve_image_output(args.output, files[0], len(files), create=False)
     if args.webcam:
         open_video(0).release()
+        if args.output is None and not has_display():
+            raise DemoError("no display to show the webcam on (headless machine); pass --output to record")
     if args.video:
         open_video(args.video).release()
-        if args.output and not args.track:
-            resolve_video_output(args.output, args.video)
-    if args.output is None and not args.track and not has_display():
+    if args.output:
+        if args.video or args.webcam:
+            resolve_video_output(args.output, args.video, create=False)
+    elif not has_display():
         raise DemoError("no display to show results on (headless machine); pass --output to write files")
 
-    from .predictor import VisualizationDemo, setup_cfg
 
-    cfg = setup_cfg(args.config_file, args.opts)
-    if args.track:
-        return _run_track(cfg, args)
-    demo = VisualizationDemo(
+def _run_demo(argv, parser_kwargs=None):
+    args = get_demo_parser(**(parser_kwargs or {})).parse_args(argv)
+    setup_demo_logging()
+    _check_inputs_and_outputs(args)
+    cfg = build_cfg(args.config_file, args.opts)
+
+    from .predictor import VisualizationDemo
+
+    if args.backend == "onnxruntime":  # an exported model (tools/export_model.py, docs/deployment.md)
+        from ddetr_d2.export.onnx_predictor import onnx_visualization_demo
+
+        demo = onnx_visualization_demo(cfg, args.onnx_model, args.confidence_threshold, args.show_sampling)
+        return _run_images(demo, args) if args.input else _run_video(demo, args)
+    demo = VisualizationDemo(  # builds the model and loads MODEL.WEIGHTS (checked) before any output
         cfg,
         confidence_threshold=args.confidence_threshold,
         show_sampling=args.show_sampling,
@@ -224,19 +200,15 @@ def _run_demo(argv):
     )
     if args.input:
         return _run_images(demo, args)
-    if args.video:
-        return _run_video(demo, args)
-    return _run_webcam(demo, args)
+    return _run_video(demo, args)
 
 
-def demo_main(argv=None):
-    """Entry point of tools/demo.py; returns the process exit code (0 ok, 1 user error)."""
-    try:
-        _run_demo(argv)
-    except DemoError as e:
-        print(f"demo.py: error: {e}", file=sys.stderr)
-        return 1
-    return 0
+def demo_main(argv=None, **parser_kwargs):
+    """
+    Entry point of tools/demo.py (detection); returns the exit code (0 ok, 2 user error).
+    ``parser_kwargs`` go to :func:`get_demo_parser` (e.g. an ``epilog`` naming more modes).
+    """
+    return run_cli(lambda a: _run_demo(a, parser_kwargs), argv, "demo.py")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -298,17 +270,17 @@ def sampling_grid(demo, image_bgr, per="head", max_detections=5):
 
 def _run_visualize_sampling(argv):
     args = get_visualize_sampling_parser().parse_args(argv)
-    _setup_logging()
-    _check_threshold(args.confidence_threshold)
+    setup_demo_logging()
+    check_threshold(args.confidence_threshold)
     (path,) = expand_inputs([args.image])
     if os.path.splitext(args.output)[1].lower() != ".png":
         raise DemoError(f"--output must be a .png file, got {args.output}")
-    out_path = resolve_image_output(args.output, path, 1)
+    resolve_image_output(args.output, path, 1, create=False)
     image = read_image_bgr(path)
+    cfg = build_cfg(args.config_file, args.opts)
 
-    from .predictor import VisualizationDemo, setup_cfg
+    from .predictor import VisualizationDemo
 
-    cfg = setup_cfg(args.config_file, args.opts)
     demo = VisualizationDemo(
         cfg,
         confidence_threshold=args.confidence_threshold,
@@ -316,6 +288,7 @@ def _run_visualize_sampling(argv):
         allow_mismatch=args.allow_mismatch,
     )
     grid, instances, _ = sampling_grid(demo, image, per=args.per, max_detections=args.max_detections)
+    out_path = resolve_image_output(args.output, path, 1)
     if len(instances) == 0:
         logger.warning(
             "no detection scored >= %.2f; the panels show no sampling points", args.confidence_threshold
@@ -327,10 +300,5 @@ def _run_visualize_sampling(argv):
 
 
 def visualize_sampling_main(argv=None):
-    """Entry point of tools/visualize_sampling.py; returns the process exit code."""
-    try:
-        _run_visualize_sampling(argv)
-    except DemoError as e:
-        print(f"visualize_sampling.py: error: {e}", file=sys.stderr)
-        return 1
-    return 0
+    """Entry point of tools/visualize_sampling.py; returns the exit code (0 ok, 2 user error)."""
+    return run_cli(_run_visualize_sampling, argv, "visualize_sampling.py")

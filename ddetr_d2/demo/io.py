@@ -2,6 +2,9 @@
 
 Every failure a user can cause (missing file, unreadable video, unwritable output) raises
 :class:`DemoError` with a message naming the path, so the command line tools exit cleanly.
+Output paths are resolved twice: first with ``create=False`` (checks only, before the model is
+built and its weights loaded), then with ``create=True`` once the run can start, so a run that fails
+leaves no new folder behind.
 """
 
 import glob
@@ -11,6 +14,8 @@ import os
 
 import cv2
 import numpy as np
+
+from ddetr_d2.errors import UserError
 
 __all__ = [
     "DemoError",
@@ -23,6 +28,7 @@ __all__ = [
     "resolve_image_output",
     "resolve_video_output",
     "VideoSink",
+    "process_video",
     "has_display",
 ]
 
@@ -32,8 +38,8 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 _GLOB_CHARS = set("*?[")
 
 
-class DemoError(Exception):
-    """A user-facing error of the demo tools (bad input, output or weights); printed without a traceback."""
+class DemoError(UserError):
+    """A user-facing error of the demo tools (bad input or output); printed as one line, exit code 2."""
 
 
 def expand_inputs(patterns):
@@ -129,8 +135,31 @@ def iter_frames(cap):
         yield frame
 
 
-def prepare_output_dir(path):
-    """Create ``path`` as a directory if needed; DemoError if it cannot be created or written to."""
+def _check_dir_creatable(path):
+    """DemoError unless ``path`` is a writable directory or could be created as one (creates nothing)."""
+    if os.path.exists(path):
+        if not os.path.isdir(path):
+            raise DemoError(f"output path {path} exists and is not a directory")
+        if not os.access(path, os.W_OK | os.X_OK):
+            raise DemoError(f"output directory {path} is not writable")
+        return
+    ancestor = os.path.dirname(os.path.abspath(path))
+    while not os.path.exists(ancestor):
+        ancestor = os.path.dirname(ancestor)
+    if not os.path.isdir(ancestor):
+        raise DemoError(f"cannot create output directory {path}: {ancestor} is not a directory")
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        raise DemoError(f"cannot create output directory {path}: {ancestor} is not writable")
+
+
+def prepare_output_dir(path, create=True):
+    """
+    Create ``path`` as a directory if needed; DemoError if it cannot be created or written to.
+    ``create=False`` only checks that it could be (nothing is created).
+    """
+    if not create:
+        _check_dir_creatable(path)
+        return path
     if os.path.exists(path) and not os.path.isdir(path):
         raise DemoError(f"output path {path} exists and is not a directory")
     try:
@@ -142,19 +171,20 @@ def prepare_output_dir(path):
     return path
 
 
-def _check_file_writable(path):
+def _check_file_writable(path, create=True):
     parent = os.path.dirname(os.path.abspath(path))
-    prepare_output_dir(parent)
+    prepare_output_dir(parent, create=create)
     if os.path.isdir(path):
         raise DemoError(f"output file {path} is a directory")
     if os.path.exists(path) and not os.access(path, os.W_OK):
         raise DemoError(f"output file {path} is not writable")
 
 
-def resolve_image_output(output, input_path, num_inputs):
+def resolve_image_output(output, input_path, num_inputs, create=True):
     """
-    Output file of one input image. ``output`` is a directory (created if needed; required for several
-    inputs), or, with one input, a file name with an image extension.
+    Output file of one input image. ``output`` is a directory (created if needed, unless
+    ``create=False``; required for several inputs), or, with one input, a file name with an image
+    extension.
     """
     is_file = os.path.splitext(output)[1].lower() in IMAGE_EXTENSIONS and not os.path.isdir(output)
     if is_file:
@@ -162,9 +192,9 @@ def resolve_image_output(output, input_path, num_inputs):
             raise DemoError(
                 f"--output {output} looks like a file but there are {num_inputs} inputs; give a folder"
             )
-        _check_file_writable(output)
+        _check_file_writable(output, create=create)
         return output
-    prepare_output_dir(output)
+    prepare_output_dir(output, create=create)
     name = os.path.basename(input_path)
     stem, ext = os.path.splitext(name)
     if ext.lower() not in IMAGE_EXTENSIONS:  # e.g. .gif: written as PNG
@@ -172,13 +202,16 @@ def resolve_image_output(output, input_path, num_inputs):
     return os.path.join(output, name)
 
 
-def resolve_video_output(output, video_path, suffix=".mp4"):
-    """Output file of a video: ``output`` if it is a file name, else ``output/<video stem><suffix>``."""
+def resolve_video_output(output, video_path, suffix=".mp4", create=True):
+    """
+    Output file of a video: ``output`` if it is a file name, else ``output/<video stem><suffix>``
+    (``video_path`` None: ``webcam<suffix>``). Folders are created unless ``create=False``.
+    """
     if os.path.isdir(output) or output.endswith(("/", os.sep)) or not os.path.splitext(output)[1]:
-        prepare_output_dir(output)
+        prepare_output_dir(output, create=create)
         stem = os.path.splitext(os.path.basename(video_path))[0] if video_path else "webcam"
         return os.path.join(output, stem + suffix)
-    _check_file_writable(output)
+    _check_file_writable(output, create=create)
     return output
 
 
@@ -235,6 +268,54 @@ class VideoSink:
 
     def __exit__(self, *exc):
         self.close()
+
+
+def process_video(source, process_frames, output_path=None, show=None):
+    """
+    Run a video file (or a camera index) through ``process_frames`` and write and/or show what it yields.
+
+    The frames are read one at a time (the video is never held in memory) behind a tqdm progress
+    bar. ``process_frames`` takes the iterator of BGR frames and yields one BGR frame of the same
+    size per input frame (e.g. ``VisualizationDemo.run_on_video``). With ``output_path`` they are
+    written by a :class:`VideoSink` at the input's frame rate; with ``show`` (default: when there is
+    no ``output_path``) they are shown in a window (Esc stops; Ctrl-C stops a camera).
+
+    Returns the closed VideoSink (``path``: the file actually written, ``num_frames``) or None.
+    """
+    from tqdm import tqdm
+
+    is_camera = isinstance(source, int)
+    window = f"webcam {source}" if is_camera else os.path.basename(source)
+    show = output_path is None if show is None else show
+    cap = open_video(source)
+    sink = None
+    try:
+        width, height, fps, num_frames = video_properties(cap)
+        if output_path is not None:
+            sink = VideoSink(output_path, fps, (width, height))
+        frames = tqdm(iter_frames(cap), total=num_frames, unit="frame", desc=window)
+        for vis in process_frames(frames):
+            if sink is not None:
+                sink.write(vis)
+            if show:
+                cv2.namedWindow(window, cv2.WINDOW_NORMAL)
+                cv2.imshow(window, vis)
+                if cv2.waitKey(1) == 27:  # Esc quits
+                    break
+    except KeyboardInterrupt:
+        if not is_camera:
+            raise
+    finally:
+        if sink is not None:
+            sink.close()
+        cap.release()
+        if show:
+            cv2.destroyAllWindows()
+    if sink is not None:
+        if sink.num_frames == 0:
+            raise DemoError(f"no frame could be read from {window}")
+        logger.info("wrote %d frames (%dx%d, %.2f fps) to %s", sink.num_frames, width, height, fps, sink.path)
+    return sink
 
 
 def has_display():

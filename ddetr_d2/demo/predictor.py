@@ -1,114 +1,76 @@
-"""Config, checked weight loading, dataset metadata and the ``VisualizationDemo`` used by tools/demo.py."""
+"""The demo's model (built, then MODEL.WEIGHTS loaded and checked), its one-image predictor, dataset
+metadata for class names, and ``VisualizationDemo`` (detections drawn with Detectron2's visualizers)."""
 
 import logging
-import os
 
 import cv2
 import numpy as np
-from detectron2.checkpoint import DetectionCheckpointer
-from detectron2.config import get_cfg
+import torch
 from detectron2.data import DatasetCatalog, MetadataCatalog
-from detectron2.engine.defaults import DefaultPredictor
+from detectron2.data import transforms as T
+from detectron2.modeling import build_model
 from detectron2.utils.video_visualizer import VideoVisualizer
 from detectron2.utils.visualizer import ColorMode, Visualizer
+
+from ddetr_d2.checkpoint import load_weights_checked
+from ddetr_d2.errors import ConfigError
 
 from .io import DemoError
 from .sampling import SamplingRecorder, draw_level_legend, draw_sampling_points
 
-__all__ = ["setup_cfg", "load_weights_checked", "demo_metadata", "VisualizationDemo"]
+__all__ = ["build_demo_model", "ImagePredictor", "demo_metadata", "VisualizationDemo"]
 
 logger = logging.getLogger(__name__)
 
 
-def _add_optional_keys(cfg):
-    """The video add-on's keys, so tracker configs load here too (the detector's are always added)."""
-    try:  # the video add-on's MODEL.TRACKER.* keys (for --track configs)
-        from ddetr_video.config import add_tracker_config
-    except ImportError:
-        pass
-    else:
-        if "TRACKER" not in cfg.MODEL:
-            add_tracker_config(cfg)
-
-
-def setup_cfg(config_file, opts=(), freeze=True):
-    """A Detectron2 config with the ddetr-d2 keys, merged from ``config_file`` and ``opts`` (KEY VALUE)."""
-    from ddetr_d2.config import add_deformable_detr_config
-
-    if not config_file:
-        raise DemoError("--config-file is required")
-    if not os.path.isfile(config_file):
-        raise DemoError(f"config file not found: {config_file}")
-    if len(opts) % 2:
-        raise DemoError(f"--opts needs KEY VALUE pairs, got an odd number of items: {list(opts)}")
-    cfg = get_cfg()
-    add_deformable_detr_config(cfg)
-    _add_optional_keys(cfg)
-    try:
-        cfg.merge_from_file(config_file)
-        cfg.merge_from_list(list(opts))
-    except Exception as e:  # yacs raises KeyError/ValueError/AssertionError with the key name
-        raise DemoError(f"bad config ({config_file}, opts {list(opts)}): {type(e).__name__}: {e}") from e
-    if freeze:
-        cfg.freeze()
-    return cfg
-
-
-class _RecordingCheckpointer(DetectionCheckpointer):
-    """DetectionCheckpointer that keeps the incompatible keys it would otherwise only log."""
-
-    incompatible = None
-
-    def _load_model(self, checkpoint):
-        self.incompatible = super()._load_model(checkpoint)
-        return self.incompatible
-
-
-def _format_keys(keys, limit=8):
-    keys = list(keys)
-    shown = ", ".join(keys[:limit])
-    return shown + (f", ... ({len(keys)} in all)" if len(keys) > limit else "")
-
-
-def load_weights_checked(model, weights, allow_mismatch=False):
+def build_demo_model(cfg, allow_mismatch=False):
     """
-    Load ``weights`` into ``model`` with DetectionCheckpointer and check that they fit the config.
-
-    Missing keys, unexpected keys and shape mismatches (key, checkpoint shape, model shape) raise
-    DemoError naming them (``allow_mismatch=True`` logs them instead). An empty path keeps the
-    random initialisation with a warning. Returns the incompatible-keys record (or None).
+    The model of ``cfg`` in eval mode, with ``cfg.MODEL.WEIGHTS`` loaded by
+    :func:`ddetr_d2.checkpoint.load_weights_checked`: weights that are missing, unreadable or do not
+    fit the model raise ``WeightsError`` naming the file / keys (``allow_mismatch=True``: a warning).
+    A config whose model cannot be built raises ``ConfigError``.
     """
-    if not weights:
-        logger.warning("MODEL.WEIGHTS is empty: the model keeps its random initialisation")
-        return None
-    if "://" not in weights and not os.path.isfile(weights):
-        raise DemoError(f"weights file not found: {weights} (set MODEL.WEIGHTS)")
-    checkpointer = _RecordingCheckpointer(model)
     try:
-        checkpointer.load(weights)
-    except Exception as e:
-        raise DemoError(f"cannot load weights {weights}: {type(e).__name__}: {e}") from e
-    inc = checkpointer.incompatible
-    if inc is None:
-        return None
-    bad_shape_keys = {k for k, _, _ in inc.incorrect_shapes}
-    missing = [k for k in inc.missing_keys if k not in bad_shape_keys]
-    problems = []
-    if inc.incorrect_shapes:
-        problems.append(
-            "shape mismatch (key: checkpoint vs model): "
-            + _format_keys(f"{k}: {tuple(a)} vs {tuple(b)}" for k, a, b in inc.incorrect_shapes)
+        model = build_model(cfg)
+    except (KeyError, ValueError, AssertionError) as e:  # registry names, sizes, variant checks
+        raise ConfigError(f"cannot build the model from the config: {type(e).__name__}: {e}") from e
+    load_weights_checked(model, cfg.MODEL.WEIGHTS, allow_mismatch=allow_mismatch)
+    return model.eval()
+
+
+class ImagePredictor:
+    """
+    Detectron2's ``DefaultPredictor`` on an already built model (it loads no weights itself): a BGR
+    image is resized by ``ResizeShortestEdge(INPUT.MIN_SIZE_TEST, INPUT.MAX_SIZE_TEST)``, put in
+    ``INPUT.FORMAT`` colour order and given to the model alone. The detection demo and the tracking
+    demo both prepare frames with :meth:`preprocess`.
+    """
+
+    def __init__(self, cfg, model):
+        if cfg.INPUT.FORMAT not in ("RGB", "BGR"):
+            raise ConfigError(f"INPUT.FORMAT must be RGB or BGR for the demo, got {cfg.INPUT.FORMAT!r}")
+        self.model = model
+        self.input_format = cfg.INPUT.FORMAT
+        self.aug = T.ResizeShortestEdge(
+            [cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MIN_SIZE_TEST], cfg.INPUT.MAX_SIZE_TEST
         )
-    if missing:
-        problems.append("missing in checkpoint: " + _format_keys(missing))
-    if inc.unexpected_keys:
-        problems.append("unexpected in checkpoint: " + _format_keys(inc.unexpected_keys))
-    if problems:
-        msg = f"weights {weights} do not match the config's model; " + "; ".join(problems)
-        if not allow_mismatch:
-            raise DemoError(msg + " (check --config-file / MODEL.* options, or pass --allow-mismatch)")
-        logger.warning(msg)
-    return inc
+
+    def preprocess(self, image_bgr, **fields):
+        """
+        The model input of one (H, W, 3) uint8 BGR image: ``{"image": (3, h, w) float32 tensor,
+        resized, in INPUT.FORMAT order, "height": H, "width": W}`` plus ``fields`` (e.g. ``sequence``,
+        ``frame_idx`` for a tracker).
+        """
+        height, width = image_bgr.shape[:2]
+        image = image_bgr[:, :, ::-1] if self.input_format == "RGB" else image_bgr
+        image = self.aug.get_transform(image).apply_image(image)
+        tensor = torch.as_tensor(image.astype("float32").transpose(2, 0, 1))
+        return {"image": tensor, "height": height, "width": width, **fields}
+
+    def __call__(self, image_bgr):
+        """The model's output dict for one BGR image (e.g. ``{"instances": Instances}``)."""
+        with torch.no_grad():
+            return self.model([self.preprocess(image_bgr)])[0]
 
 
 def demo_metadata(cfg):
@@ -147,8 +109,8 @@ class VisualizationDemo:
     Run a DeformableDETR on BGR images or video frames and draw its detections (score >=
     ``confidence_threshold``), optionally with the last decoder layer's sampling points.
 
-    Built on Detectron2's ``DefaultPredictor`` (resize, colour format, single image); the weights are
-    loaded by :func:`load_weights_checked` so a config/weights mismatch is an error, not a log line.
+    The model comes from :func:`build_demo_model` (a config/weights mismatch is an error, not a log
+    line), unless an already built ``model`` is given, and sees images through :class:`ImagePredictor`.
     """
 
     def __init__(
@@ -158,21 +120,14 @@ class VisualizationDemo:
         show_sampling=False,
         allow_mismatch=False,
         instance_mode=ColorMode.IMAGE,
+        model=None,
     ):
         self.cfg = cfg
         self.metadata = demo_metadata(cfg)
         self.confidence_threshold = float(confidence_threshold)
         self.instance_mode = instance_mode
-        cfg_no_weights = cfg.clone()
-        cfg_no_weights.defrost()
-        cfg_no_weights.MODEL.WEIGHTS = ""
-        cfg_no_weights.freeze()
-        try:
-            self.predictor = DefaultPredictor(cfg_no_weights)
-        except Exception as e:
-            raise DemoError(f"cannot build the model from the config: {type(e).__name__}: {e}") from e
-        self.model = self.predictor.model
-        load_weights_checked(self.model, cfg.MODEL.WEIGHTS, allow_mismatch=allow_mismatch)
+        self.model = build_demo_model(cfg, allow_mismatch=allow_mismatch) if model is None else model.eval()
+        self.predictor = ImagePredictor(cfg, self.model)
         self.recorder = None
         if show_sampling:
             try:

@@ -2,12 +2,13 @@
 Sampling points of the last decoder layer's deformable cross-attention: recording, mapping to image
 pixels and drawing (cf. Fig. 6 of the Deformable DETR paper).
 
-``MSDeformAttn.record_sampling = True`` makes the module keep ``last_sampling_locations``
-(N, Len_q, heads, levels, points, 2) and ``last_attention_weights`` (N, Len_q, heads, levels, points).
-Locations are (x, y) normalised to the padded network input (the ``ImageList`` tensor). The
-recorder adds forward pre-hooks to capture, for the same call, the reference points given to the
-cross-attention (N, Len_q, levels, 2 or 4), the padded input size (from the backbone input) and the
-resized, unpadded input size (from the meta-architecture's ``batched_inputs``).
+:class:`SamplingRecorder` owns forward hooks on that ``MSDeformAttn``: a pre-hook captures the
+reference points (N, Len_q, levels, 2 or 4) and feature map sizes (levels, 2) of the call, forward
+hooks on its ``sampling_offsets`` / ``attention_weights`` projections capture their outputs, and
+:func:`sampling_locations` turns them into locations (N, Len_q, heads, levels, points, 2) with the
+op's formula. Locations are (x, y) normalised to the padded network input (the ``ImageList``
+tensor). Pre-hooks on the model and its backbone capture the resized, unpadded input size (from
+``batched_inputs``) and the padded input size. The op itself keeps no state.
 """
 
 from dataclasses import dataclass
@@ -22,6 +23,7 @@ __all__ = [
     "DetectionSampling",
     "SamplingRecorder",
     "find_last_cross_attn",
+    "sampling_locations",
     "normalized_to_image_coords",
     "points_inside",
     "draw_sampling_points",
@@ -42,6 +44,8 @@ LEVEL_COLORS_BGR = [
 
 def find_last_cross_attn(model):
     """The deformable cross-attention of the last decoder layer (``transformer.decoder.layers[-1]``)."""
+    from ddetr_d2.ops.ms_deform_attn import MSDeformAttn
+
     try:
         attn = model.transformer.decoder.layers[-1].cross_attn
     except (AttributeError, IndexError, TypeError) as e:
@@ -49,9 +53,32 @@ def find_last_cross_attn(model):
             f"{type(model).__name__} has no transformer.decoder.layers[-1].cross_attn; "
             "sampling points need a DeformableDETR model"
         ) from e
-    if not hasattr(attn, "record_sampling"):
-        raise ValueError(f"{type(attn).__name__} does not support record_sampling (expected MSDeformAttn)")
+    if not isinstance(attn, MSDeformAttn):
+        raise ValueError(f"the last decoder layer's cross_attn is a {type(attn).__name__}, not MSDeformAttn")
     return attn
+
+
+def sampling_locations(reference_points, sampling_offsets, spatial_shapes, n_points):
+    """
+    The sampling locations ``MSDeformAttn`` reads, from its inputs and its offset projection's output.
+
+    Args:
+        reference_points: (N, Len_q, L, 2) points (x, y), or (N, Len_q, L, 4) boxes (cx, cy, w, h),
+            normalised to the padded input.
+        sampling_offsets: (N, Len_q, M, L, P, 2) output of ``sampling_offsets`` (level pixels for
+            points; fractions of half the box size times P for boxes).
+        spatial_shapes: (L, 2) feature map sizes (H_l, W_l).
+        n_points: P.
+    Returns:
+        (N, Len_q, M, L, P, 2) (x, y) normalised to the padded input.
+    """
+    ref = reference_points[:, :, None, :, None, :]
+    if reference_points.shape[-1] == 2:
+        wh = torch.stack([spatial_shapes[:, 1], spatial_shapes[:, 0]], -1).to(sampling_offsets)
+        return ref + sampling_offsets / wh[None, None, None, :, None, :]
+    if reference_points.shape[-1] == 4:
+        return ref[..., :2] + sampling_offsets / n_points * ref[..., 2:] * 0.5
+    raise ValueError(f"reference_points last dim must be 2 or 4, got shape {tuple(reference_points.shape)}")
 
 
 def normalized_to_image_coords(locations, padded_hw, input_hw, image_hw):
@@ -169,29 +196,29 @@ class SamplingRecorder:
     Record the last decoder layer's sampling points on every forward of ``model`` (a DeformableDETR).
 
     Use ``attach()`` once (or as a context manager), run the model, then ``latest(i)`` for image i.
-    ``detach()`` removes the hooks and restores ``record_sampling``.
+    ``detach()`` removes the hooks; the model is otherwise untouched.
     """
 
     def __init__(self, model):
         self.model = model
         self.attn = find_last_cross_attn(model)
         self._handles = []
-        self._prev_flag = None
+        self._clear()
         self._input_hws = None
+        self.level_strides = _level_strides(model, self.attn.n_levels)
+
+    def _clear(self):
         self._padded_hw = None
         self._reference = None
         self._spatial_shapes = None
-        self.level_strides = _level_strides(model, self.attn.n_levels)
+        self._offsets = None
+        self._logits = None
 
     # hooks ---------------------------------------------------------------------------------------
     def _on_model(self, module, args, kwargs):
         batched_inputs = args[0] if args else kwargs.get("batched_inputs")
         self._input_hws = [tuple(int(s) for s in x["image"].shape[-2:]) for x in batched_inputs]
-        self._padded_hw = None
-        self._reference = None
-        self._spatial_shapes = None
-        self.attn.last_sampling_locations = None
-        self.attn.last_attention_weights = None
+        self._clear()
 
     def _on_backbone(self, module, args, kwargs):
         t = _first_tensor(args[0]) if args else None
@@ -201,19 +228,23 @@ class SamplingRecorder:
     def _on_attn(self, module, args, kwargs):
         ref = kwargs.get("reference_points", args[1] if len(args) > 1 else None)
         shapes = kwargs.get("input_spatial_shapes", args[3] if len(args) > 3 else None)
-        if ref is not None:
-            self._reference = ref.detach()
-        if shapes is not None:
-            self._spatial_shapes = shapes.detach().cpu().numpy().astype(np.int64)
+        self._reference = None if ref is None else ref.detach()
+        self._spatial_shapes = None if shapes is None else shapes.detach().cpu()
+
+    def _on_offsets(self, module, args, output):
+        self._offsets = output.detach()
+
+    def _on_weights(self, module, args, output):
+        self._logits = output.detach()
 
     def attach(self):
         if self._handles:
             return self
-        self._prev_flag = self.attn.record_sampling
-        self.attn.record_sampling = True
         self._handles = [
             self.model.register_forward_pre_hook(self._on_model, with_kwargs=True),
             self.attn.register_forward_pre_hook(self._on_attn, with_kwargs=True),
+            self.attn.sampling_offsets.register_forward_hook(self._on_offsets),
+            self.attn.attention_weights.register_forward_hook(self._on_weights),
         ]
         backbone = getattr(self.model, "backbone", None)
         if isinstance(backbone, torch.nn.Module):
@@ -224,9 +255,6 @@ class SamplingRecorder:
         for h in self._handles:
             h.remove()
         self._handles = []
-        if self._prev_flag is not None:
-            self.attn.record_sampling = self._prev_flag
-            self._prev_flag = None
 
     def __enter__(self):
         return self.attach()
@@ -237,19 +265,25 @@ class SamplingRecorder:
     # results -------------------------------------------------------------------------------------
     def latest(self, index=0):
         """SamplingRecord of image ``index`` of the last forward; RuntimeError if nothing was recorded."""
-        locs, weights = self.attn.last_sampling_locations, self.attn.last_attention_weights
-        if any(v is None for v in (locs, weights, self._reference, self._spatial_shapes, self._input_hws)):
+        captured = (self._offsets, self._logits, self._reference, self._spatial_shapes, self._input_hws)
+        if any(v is None for v in captured):
             raise RuntimeError("no sampling recorded: run the model (in eval mode) after attach()")
+        attn = self.attn
+        n, len_q = self._reference.shape[:2]
+        shape = (n, len_q, attn.n_heads, attn.n_levels, attn.n_points)
+        offsets = self._offsets.view(*shape, 2)
+        weights = self._logits.view(n, len_q, attn.n_heads, -1).softmax(-1).view(shape)
+        locations = sampling_locations(self._reference, offsets, self._spatial_shapes, attn.n_points)
         input_hw = self._input_hws[index]
         padded_hw = self._padded_hw
         if padded_hw is None:  # backbone not called with the padded tensor: pad to the size divisibility
             div = int(getattr(self.model, "size_divisibility", 0) or 0)
             padded_hw = tuple(-(-s // div) * div if div > 0 else s for s in input_hw)
         return SamplingRecord(
-            locations=locs[index].float().cpu().numpy(),
+            locations=locations[index].float().cpu().numpy(),
             weights=weights[index].float().cpu().numpy(),
             reference=self._reference[index].float().cpu().numpy(),
-            spatial_shapes=self._spatial_shapes,
+            spatial_shapes=self._spatial_shapes.numpy().astype(np.int64),
             level_strides=self.level_strides,
             padded_hw=padded_hw,
             input_hw=input_hw,

@@ -3,6 +3,7 @@
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+import torchvision
 from detectron2.utils import comm
 from torch import nn
 from torchvision.ops import box_convert, generalized_box_iou
@@ -18,12 +19,7 @@ def sigmoid_focal_loss(inputs, targets, num_boxes, alpha=0.25, gamma=2.0):
     Returns:
         scalar.
     """
-    prob = inputs.sigmoid()
-    ce = F.binary_cross_entropy_with_logits(inputs, targets, reduction="none")
-    p_t = prob * targets + (1 - prob) * (1 - targets)
-    loss = ce * ((1 - p_t) ** gamma)
-    if alpha >= 0:
-        loss = (alpha * targets + (1 - alpha) * (1 - targets)) * loss
+    loss = torchvision.ops.sigmoid_focal_loss(inputs, targets, alpha, gamma, reduction="none")
     return loss.mean(1).sum() / num_boxes
 
 
@@ -31,16 +27,19 @@ class SetCriterion(nn.Module):
     """
     Matches every decoder layer's output to the targets (own matching per layer) and returns the
     weighted losses ``loss_ce`` (focal x num_queries), ``loss_bbox`` (L1), ``loss_giou``, with suffix
-    ``_i`` for the auxiliary layers and ``_enc`` for two-stage proposals (class-agnostic targets).
+    ``_i`` for the auxiliary layers and ``_enc`` for two-stage proposals (class-agnostic targets;
+    left out with ``enc_loss=False``, as the official code does without auxiliary losses).
+    ``weight_dict`` holds the base keys; a suffixed key takes its base key's weight.
     """
 
-    def __init__(self, num_classes, matcher, weight_dict, focal_alpha=0.25, focal_gamma=2.0):
+    def __init__(self, num_classes, matcher, weight_dict, focal_alpha=0.25, focal_gamma=2.0, enc_loss=True):
         super().__init__()
         self.num_classes = num_classes
         self.matcher = matcher
         self.weight_dict = weight_dict
         self.focal_alpha = focal_alpha
         self.focal_gamma = focal_gamma
+        self.enc_loss = enc_loss
 
     @staticmethod
     def _src_idx(indices):
@@ -70,8 +69,10 @@ class SetCriterion(nn.Module):
         loss_giou = (1 - giou).sum() / num_boxes
         return {"loss_bbox": loss_bbox, "loss_giou": loss_giou}
 
-    def _layer_losses(self, outputs, targets, num_boxes, suffix=""):
-        indices = self.matcher(outputs, targets)
+    def _layer_losses(self, outputs, targets, num_boxes, suffix="", indices=None):
+        """Unweighted losses of one layer's ``outputs``; Hungarian matching unless ``indices`` are given."""
+        if indices is None:
+            indices = self.matcher(outputs, targets)
         losses = {}
         losses.update(self.loss_labels(outputs, targets, indices, num_boxes))
         losses.update(self.loss_boxes(outputs, targets, indices, num_boxes))
@@ -101,10 +102,19 @@ class SetCriterion(nn.Module):
         losses = self._layer_losses(outputs, targets, num_boxes)
         for i, aux in enumerate(outputs.get("aux_outputs", [])):
             losses.update(self._layer_losses(aux, targets, num_boxes, f"_{i}"))
-        if "enc_outputs" in outputs:
+        if "enc_outputs" in outputs and self.enc_loss:
             bin_targets = [{"labels": torch.zeros_like(t["labels"]), "boxes": t["boxes"]} for t in targets]
             losses.update(self._layer_losses(outputs["enc_outputs"], bin_targets, num_boxes, "_enc"))
-        for k in list(losses.keys()):
-            base = k.rsplit("_", 1)[0] if k.count("_") > 1 else k
-            losses[k] = losses[k] * self.weight_dict.get(k, self.weight_dict[base])
-        return losses
+        return self.apply_weights(losses)
+
+    def weight_of(self, key):
+        """Weight of a loss key: its own entry, else that of the base key it extends (``loss_ce_dn_0``)."""
+        if key in self.weight_dict:
+            return self.weight_dict[key]
+        for base, w in self.weight_dict.items():
+            if key.startswith(base + "_"):
+                return w
+        raise KeyError(f"no weight for loss {key!r} in {sorted(self.weight_dict)}")
+
+    def apply_weights(self, losses):
+        return {k: v * self.weight_of(k) for k, v in losses.items()}

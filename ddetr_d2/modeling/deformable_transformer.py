@@ -120,10 +120,20 @@ class DeformableTransformerDecoderLayer(nn.Module):
         src_spatial_shapes,
         level_start_index,
         src_padding_mask=None,
+        self_attn_mask=None,
     ):
-        """tgt, query_pos: (N, Q, C); reference_points: (N, Q, L, 2 or 4); src: (N, S, C)."""
+        """
+        tgt, query_pos: (N, Q, C); reference_points: (N, Q, L, 2 or 4); src: (N, S, C);
+        self_attn_mask: None or (Q, Q) bool, True = query i may not attend to query j.
+        """
         q = k = _with_pos(tgt, query_pos)
-        tgt2 = self.self_attn(q.transpose(0, 1), k.transpose(0, 1), tgt.transpose(0, 1))[0].transpose(0, 1)
+        if self_attn_mask is None:
+            tgt2 = self.self_attn(q.transpose(0, 1), k.transpose(0, 1), tgt.transpose(0, 1))[0]
+        else:
+            tgt2 = self.self_attn(
+                q.transpose(0, 1), k.transpose(0, 1), tgt.transpose(0, 1), attn_mask=self_attn_mask
+            )[0]
+        tgt2 = tgt2.transpose(0, 1)
         tgt = self.norm2(tgt + self.dropout2(tgt2))
         tgt2 = self.cross_attn(
             _with_pos(tgt, query_pos),
@@ -143,12 +153,16 @@ class DeformableTransformerDecoder(nn.Module):
     Stack of decoder layers returning every layer's output. With iterative box refinement the
     meta-architecture sets ``bbox_embed`` (one head per layer, the official "hack"): after each layer the
     reference points are refined in logit space and detached. In two-stage, it also sets ``class_embed``.
+    ``look_forward_twice`` (DINO): the returned references keep their gradient (only the ones fed to
+    the next layer are detached), so layer l's box loss also trains layer l-1's box head; the values
+    are the same either way.
     """
 
-    def __init__(self, decoder_layer, num_layers):
+    def __init__(self, decoder_layer, num_layers, look_forward_twice=False):
         super().__init__()
         self.layers = _clones(decoder_layer, num_layers)
         self.num_layers = num_layers
+        self.look_forward_twice = look_forward_twice
         self.bbox_embed = None
         self.class_embed = None
 
@@ -162,11 +176,13 @@ class DeformableTransformerDecoder(nn.Module):
         src_valid_ratios,
         query_pos=None,
         src_padding_mask=None,
+        self_attn_mask=None,
     ):
         """
         Args:
             tgt, query_pos: (N, Q, C); reference_points: (N, Q, 2 or 4) in [0, 1] relative to the
-            valid (unpadded) image; src: (N, S, C); src_valid_ratios: (N, L, 2).
+            valid (unpadded) image; src: (N, S, C); src_valid_ratios: (N, L, 2);
+            self_attn_mask: None or (Q, Q) bool, True = may not attend (see ``query_groups.py``).
         Returns:
             hs (n_layers, N, Q, C) and the reference points after each layer (n_layers, N, Q, 2 or 4).
         """
@@ -183,7 +199,14 @@ class DeformableTransformerDecoder(nn.Module):
             else:
                 raise ValueError(f"reference_points must end in 2 or 4, got {tuple(reference_points.shape)}")
             output = layer(
-                output, query_pos, ref_input, src, src_spatial_shapes, src_level_start_index, src_padding_mask
+                output,
+                query_pos,
+                ref_input,
+                src,
+                src_spatial_shapes,
+                src_level_start_index,
+                src_padding_mask,
+                self_attn_mask,
             )
 
             if self.bbox_embed is not None:
@@ -195,8 +218,10 @@ class DeformableTransformerDecoder(nn.Module):
                         [tmp[..., :2] + inverse_sigmoid(reference_points), tmp[..., 2:]], -1
                     ).sigmoid()
                 reference_points = new_ref.detach()
+                intermediate_refs.append(new_ref if self.look_forward_twice else reference_points)
+            else:
+                intermediate_refs.append(reference_points)
             intermediate.append(output)
-            intermediate_refs.append(reference_points)
         return torch.stack(intermediate), torch.stack(intermediate_refs)
 
 
@@ -207,6 +232,9 @@ class DeformableTransformer(nn.Module):
     their own (e.g. by a tracker that runs the encoder once per frame and decodes its own queries).
     ``exclude_padding_proposals`` (two-stage): keep padded positions out of the proposal top-k
     (False: official behaviour).
+    ``mixed_query_selection`` (two-stage, DINO): the queries' positions come from the top-k proposals,
+    their content from a learned ``tgt_embed`` (Q, C) instead of the proposals' sine embedding.
+    ``look_forward_twice`` (box refinement, DINO): see :class:`DeformableTransformerDecoder`.
     """
 
     def __init__(
@@ -224,6 +252,8 @@ class DeformableTransformer(nn.Module):
         two_stage_num_proposals=300,
         im2col_step=64,
         exclude_padding_proposals=True,
+        mixed_query_selection=False,
+        look_forward_twice=False,
     ):
         super().__init__()
         self.exclude_padding_proposals = exclude_padding_proposals
@@ -232,6 +262,9 @@ class DeformableTransformer(nn.Module):
         self.num_feature_levels = num_feature_levels
         self.two_stage = two_stage
         self.two_stage_num_proposals = two_stage_num_proposals
+        if mixed_query_selection and not two_stage:
+            raise ValueError("mixed query selection needs two-stage (positions from the encoder's top-k)")
+        self.mixed_query_selection = mixed_query_selection
 
         enc_layer = DeformableTransformerEncoderLayer(
             d_model, dim_feedforward, dropout, num_feature_levels, nhead, enc_n_points, im2col_step
@@ -240,7 +273,7 @@ class DeformableTransformer(nn.Module):
         dec_layer = DeformableTransformerDecoderLayer(
             d_model, dim_feedforward, dropout, num_feature_levels, nhead, dec_n_points, im2col_step
         )
-        self.decoder = DeformableTransformerDecoder(dec_layer, num_decoder_layers)
+        self.decoder = DeformableTransformerDecoder(dec_layer, num_decoder_layers, look_forward_twice)
 
         self.level_embed = nn.Parameter(torch.empty(num_feature_levels, d_model))
         if two_stage:
@@ -248,6 +281,8 @@ class DeformableTransformer(nn.Module):
             self.enc_output_norm = nn.LayerNorm(d_model)
             self.pos_trans = nn.Linear(d_model * 2, d_model * 2)
             self.pos_trans_norm = nn.LayerNorm(d_model * 2)
+            if mixed_query_selection:
+                self.tgt_embed = nn.Embedding(two_stage_num_proposals, d_model)
         else:
             self.reference_points = nn.Linear(d_model, 2)
         self._reset_parameters()
@@ -391,10 +426,9 @@ class DeformableTransformer(nn.Module):
                 enc_outputs_coord_unact, 1, topk_proposals.unsqueeze(-1).repeat(1, 1, 4)
             ).detach()
             reference_points = topk_coords_unact.sigmoid()
-            pos_trans_out = self.pos_trans_norm(
-                self.pos_trans(self.get_proposal_pos_embed(topk_coords_unact, num_pos_feats=c // 2))
-            )
-            query_pos, tgt = torch.split(pos_trans_out, c, dim=2)
+            query_pos, tgt = self.embed_reference_boxes(topk_coords_unact)
+            if self.mixed_query_selection:
+                tgt = self.tgt_embed.weight[None, :topk].expand(bs, -1, -1)
             return tgt, reference_points, query_pos, enc_outputs_class, enc_outputs_coord_unact
         if query_embed is None:
             raise ValueError("query_embed (Q, 2*d_model) is required without two-stage")
@@ -404,12 +438,31 @@ class DeformableTransformer(nn.Module):
         reference_points = self.reference_points(query_pos).sigmoid()
         return tgt, reference_points, query_pos, None, None
 
-    def forward_decoder(self, tgt, reference_points, query_pos, enc):
+    def embed_reference_boxes(self, boxes_unact):
+        """
+        Two-stage query embedding of boxes: ``pos_trans_norm(pos_trans(sine(boxes)))`` split in two.
+        Args:
+            boxes_unact: (N, Q, 4) boxes in logit space (inverse sigmoid of cxcywh in [0, 1]).
+        Returns:
+            query_pos (N, Q, C), tgt (N, Q, C).
+        """
+        if not self.two_stage:
+            raise ValueError("embed_reference_boxes needs the two-stage transformer (pos_trans)")
+        c = self.d_model
+        pos_trans_out = self.pos_trans_norm(
+            self.pos_trans(self.get_proposal_pos_embed(boxes_unact, num_pos_feats=c // 2))
+        )
+        query_pos, tgt = torch.split(pos_trans_out, c, dim=2)
+        return query_pos, tgt
+
+    def forward_decoder(self, tgt, reference_points, query_pos, enc, self_attn_mask=None):
         """
         Args:
             tgt, query_pos: (N, Q, C); reference_points: (N, Q, 2) points or (N, Q, 4) boxes
                 (cx, cy, w, h) in [0, 1] (sigmoid space) relative to the valid image;
-            enc: dict returned by :meth:`forward_encoder`.
+            enc: dict returned by :meth:`forward_encoder`;
+            self_attn_mask: None or (Q, Q) bool, True = may not attend (e.g.
+                ``assemble_query_groups(...).attn_mask``).
         Returns:
             hs (n_dec_layers, N, Q, C), init_reference (N, Q, 2 or 4) (= the input reference points),
             inter_references (n_dec_layers, N, Q, 2 or 4): references after each layer (refined
@@ -424,6 +477,7 @@ class DeformableTransformer(nn.Module):
             enc["valid_ratios"],
             query_pos,
             enc["mask_flatten"],
+            self_attn_mask,
         )
         return hs, reference_points, inter_references
 

@@ -11,12 +11,15 @@ from detectron2.structures import Boxes, ImageList, Instances
 from torch import nn
 from torchvision.ops import box_convert
 
+from ..errors import ConfigError
 from .backbone import build_input_proj, multi_scale_features
 from .box_ops import inverse_sigmoid
 from .criterion import SetCriterion
 from .deformable_transformer import DeformableTransformer
+from .inference_precision import check_inference_dtype, inference_autocast
 from .matcher import HungarianMatcher
 from .position_encoding import PositionEmbeddingSine
+from .query_groups import QueryGroup, assemble_query_groups, build_training_query_groups
 
 __all__ = ["DeformableDETR", "MLP"]
 
@@ -45,6 +48,10 @@ class DeformableDETR(nn.Module):
 
     Training returns the weighted losses; inference returns ``[{"instances": Instances}]`` with
     ``pred_boxes``, ``scores``, ``pred_classes`` and ``query_indices`` in original image coordinates.
+
+    The decoder's queries are assembled by ``query_groups.assemble_query_groups``: the detector's own
+    group ``"detect"``, plus, in training only, the groups of the modules in ``training_groups``
+    (e.g. denoising; state-dict prefix ``training_groups.``, unused at inference).
     """
 
     @configurable
@@ -65,6 +72,8 @@ class DeformableDETR(nn.Module):
         two_stage=False,
         detections_per_image=100,
         per_image_features=True,
+        training_groups=None,
+        inference_dtype="float32",
     ):
         super().__init__()
         if two_stage and not with_box_refine:
@@ -80,8 +89,11 @@ class DeformableDETR(nn.Module):
         self.two_stage = two_stage
         self.detections_per_image = detections_per_image
         self.per_image_features = per_image_features
+        self.inference_dtype = check_inference_dtype(inference_dtype)
         self.in_features = list(in_features)
         self.criterion = criterion
+        # training-only query groups (name -> module, see query_groups.py); empty by default
+        self.training_groups = nn.ModuleDict(training_groups or {})
 
         self.transformer = transformer
         # one switch for batch independence (see MODEL.DEFORMABLE_DETR.PER_IMAGE_FEATURES)
@@ -131,13 +143,25 @@ class DeformableDETR(nn.Module):
         c = cfg.MODEL.DEFORMABLE_DETR
         backbone = build_backbone(cfg)
         n_levels = c.NUM_FEATURE_LEVELS
-        out_features = list(cfg.MODEL.RESNETS.OUT_FEATURES)
+        listed = list(c.IN_FEATURES)
         if n_levels < 1:
-            raise ValueError(f"MODEL.DEFORMABLE_DETR.NUM_FEATURE_LEVELS must be >= 1, got {n_levels}")
-        in_features = out_features[-min(n_levels, len(out_features)) :]
-        missing = [f for f in in_features if f not in backbone.output_shape()]
+            raise ConfigError(f"MODEL.DEFORMABLE_DETR.NUM_FEATURE_LEVELS must be >= 1, got {n_levels}")
+        if not listed:
+            raise ConfigError("MODEL.DEFORMABLE_DETR.IN_FEATURES is empty (e.g. ['res3', 'res4', 'res5'])")
+        # the last NUM_FEATURE_LEVELS listed features (single-scale: the coarsest one)
+        in_features = listed[-min(n_levels, len(listed)) :]
+        available = list(backbone.output_shape())
+        missing = [f for f in in_features if f not in available]
         if missing:
-            raise ValueError(f"backbone outputs {list(backbone.output_shape())} lack {missing}")
+            raise ConfigError(
+                f"MODEL.DEFORMABLE_DETR.IN_FEATURES: {missing} not produced by the backbone "
+                f"{cfg.MODEL.BACKBONE.NAME}; it produces {available} (for a ResNet, set "
+                "MODEL.RESNETS.OUT_FEATURES)"
+            )
+        if c.MIXED_QUERY_SELECTION and not c.TWO_STAGE:
+            raise ConfigError("MODEL.DEFORMABLE_DETR.MIXED_QUERY_SELECTION needs TWO_STAGE: True")
+        if c.LOOK_FORWARD_TWICE and not c.WITH_BOX_REFINE:
+            raise ConfigError("MODEL.DEFORMABLE_DETR.LOOK_FORWARD_TWICE needs WITH_BOX_REFINE: True")
         transformer = DeformableTransformer(
             d_model=c.HIDDEN_DIM,
             nhead=c.NHEADS,
@@ -151,6 +175,8 @@ class DeformableDETR(nn.Module):
             two_stage=c.TWO_STAGE,
             two_stage_num_proposals=c.NUM_QUERIES,
             im2col_step=c.IM2COL_STEP,
+            mixed_query_selection=c.MIXED_QUERY_SELECTION,
+            look_forward_twice=c.LOOK_FORWARD_TWICE,
         )
         matcher = HungarianMatcher(
             cost_class=c.COST_CLASS,
@@ -160,7 +186,10 @@ class DeformableDETR(nn.Module):
             focal_gamma=c.FOCAL_GAMMA,
         )
         weight_dict = {"loss_ce": c.CLASS_WEIGHT, "loss_bbox": c.BBOX_WEIGHT, "loss_giou": c.GIOU_WEIGHT}
-        criterion = SetCriterion(c.NUM_CLASSES, matcher, weight_dict, c.FOCAL_ALPHA, c.FOCAL_GAMMA)
+        # official: with AUX_LOSS False the proposal (_enc) losses are left out of the total too
+        criterion = SetCriterion(
+            c.NUM_CLASSES, matcher, weight_dict, c.FOCAL_ALPHA, c.FOCAL_GAMMA, enc_loss=c.AUX_LOSS
+        )
         return {
             "backbone": backbone,
             "in_features": in_features,
@@ -176,6 +205,8 @@ class DeformableDETR(nn.Module):
             "two_stage": c.TWO_STAGE,
             "detections_per_image": c.DETECTIONS_PER_IMAGE,
             "per_image_features": c.PER_IMAGE_FEATURES,
+            "inference_dtype": c.INFERENCE_DTYPE,
+            "training_groups": build_training_query_groups(cfg, c.NUM_CLASSES, c.HIDDEN_DIM),
         }
 
     @property
@@ -242,30 +273,68 @@ class DeformableDETR(nn.Module):
             coords.append(tmp.sigmoid())
         return torch.stack(classes), torch.stack(coords)
 
-    def forward_outputs(self, images):
-        """Raw outputs of an ImageList: official dict (pred_logits, pred_boxes, aux_outputs, enc_outputs)."""
-        srcs, masks, pos_embeds = self.prepare_features(images)
-        query_embed = None if self.two_stage else self.query_embed.weight
-        hs, init_ref, inter_refs, enc_cls, enc_coord = self.transformer(srcs, masks, pos_embeds, query_embed)
-        outputs_class, outputs_coord = self.predict_from_decoder(hs, init_ref, inter_refs)
+    def _layer_outputs(self, outputs_class, outputs_coord):
+        """(n_dec, N, Q, K), (n_dec, N, Q, 4) -> dict of the last layer (+ ``aux_outputs``)."""
         out = {"pred_logits": outputs_class[-1], "pred_boxes": outputs_coord[-1]}
         if self.aux_loss:
             out["aux_outputs"] = [
                 {"pred_logits": a, "pred_boxes": b} for a, b in zip(outputs_class[:-1], outputs_coord[:-1])
             ]
+        return out
+
+    def forward_outputs(self, images, targets=None):
+        """
+        Raw outputs of an ImageList: official dict (pred_logits, pred_boxes, aux_outputs, enc_outputs)
+        of the detector's queries. In training with ``targets``, the training-only query groups join
+        the decoder; then ``query_groups`` ({group name: dict like the above}) and
+        ``query_group_meta`` ({module name: what its ``make_groups`` returned for its losses}).
+        """
+        srcs, masks, pos_embeds = self.prepare_features(images)
+        enc = self.transformer.forward_encoder(srcs, masks, pos_embeds)
+        query_embed = None if self.two_stage else self.query_embed.weight
+        tgt, ref, query_pos, enc_cls, enc_coord = self.transformer.prepare_queries(enc, query_embed)
+        groups, blocked, metas = [QueryGroup("detect", tgt, query_pos, ref)], [], {}
+        if self.training and targets is not None:
+            for name, module in self.training_groups.items():
+                extra, extra_blocked, metas[name] = module.make_groups(targets, groups, self.transformer)
+                groups += extra
+                blocked += extra_blocked
+        queries = assemble_query_groups(groups, blocked)
+        hs, init_ref, inter_refs = self.transformer.forward_decoder(
+            queries.content, queries.reference_points, queries.position, enc, queries.attn_mask
+        )
+        outputs_class, outputs_coord = self.predict_from_decoder(hs, init_ref, inter_refs)
+        per_class, per_coord = queries.split(outputs_class, 2), queries.split(outputs_coord, 2)
+        out = self._layer_outputs(per_class.pop("detect"), per_coord.pop("detect"))
         if self.two_stage:
             out["enc_outputs"] = {"pred_logits": enc_cls, "pred_boxes": enc_coord.sigmoid()}
+        if per_class:
+            out["query_groups"] = {k: self._layer_outputs(per_class[k], per_coord[k]) for k in per_class}
+            out["query_group_meta"] = metas
         return out
 
     def forward(self, batched_inputs):
         images = self.preprocess_image(batched_inputs)
-        out = self.forward_outputs(images)
         if self.training:
             if any("instances" not in x for x in batched_inputs):
                 raise ValueError("training needs 'instances' in every input dict")
             targets = self.prepare_targets([x["instances"] for x in batched_inputs], images.image_sizes)
-            return self.criterion(out, targets)
-        results = self.inference(out["pred_logits"], out["pred_boxes"], images.image_sizes)
+            out = self.forward_outputs(images, targets)
+            losses = self.criterion(out, targets)
+            for name, module in self.training_groups.items():
+                losses.update(
+                    module.losses(
+                        out.get("query_groups", {}),
+                        targets,
+                        out.get("query_group_meta", {}).get(name),
+                        self.criterion,
+                    )
+                )
+            return losses
+        # MODEL.DEFORMABLE_DETR.INFERENCE_DTYPE: bfloat16 runs the dense layers under autocast
+        with inference_autocast(self.inference_dtype, images.tensor.device.type):
+            out = self.forward_outputs(images)
+        results = self.inference(out["pred_logits"].float(), out["pred_boxes"].float(), images.image_sizes)
         processed = []
         for res, x, size in zip(results, batched_inputs, images.image_sizes):
             h = x.get("height", size[0])

@@ -18,10 +18,6 @@ class MSDeformAttn(nn.Module):
 
     Parameter names follow the official implementation (``sampling_offsets``,
     ``attention_weights``, ``value_proj``, ``output_proj``) so official checkpoints load as is.
-
-    Set ``record_sampling = True`` to keep the last call's ``last_sampling_locations``
-    (N, Len_q, n_heads, n_levels, n_points, 2) and ``last_attention_weights``
-    (N, Len_q, n_heads, n_levels, n_points), detached (used by the demo's visualisation).
     """
 
     def __init__(self, d_model=256, n_levels=4, n_heads=8, n_points=4, im2col_step=64):
@@ -46,9 +42,6 @@ class MSDeformAttn(nn.Module):
         self.value_proj = nn.Linear(d_model, d_model)
         self.output_proj = nn.Linear(d_model, d_model)
 
-        self.record_sampling = False
-        self.last_sampling_locations = None
-        self.last_attention_weights = None
         self._reset_parameters()
 
     def _reset_parameters(self):
@@ -138,9 +131,6 @@ class MSDeformAttn(nn.Module):
             raise ValueError(
                 f"reference_points last dim must be 2 or 4, got shape {tuple(reference_points.shape)}"
             )
-        if self.record_sampling:
-            self.last_sampling_locations = sampling_locations.detach()
-            self.last_attention_weights = attention_weights.detach()
         output = ms_deform_attn(
             value,
             input_spatial_shapes,

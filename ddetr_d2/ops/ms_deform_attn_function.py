@@ -3,7 +3,8 @@
 ``ms_deform_attn`` runs the CUDA kernel for CUDA tensors and the C++ CPU kernel for CPU tensors
 (both in ``ddetr_d2._C``), and falls back to the pure-PyTorch reference ``ms_deform_attn_pytorch``
 (with a one-time warning naming the reason) when the extension is missing or lacks the device,
-and while tracing / exporting to ONNX.
+and while tracing / exporting (then the formulation chosen with ``msda_export_formulation``: the
+``grid_sample`` reference by default, or the gather-based ``ms_deform_attn_gather``).
 
 Dtypes: float32 and float64 on every device; float16 / bfloat16 natively on CUDA; on CPU
 half-precision inputs are computed in float32 and the result cast back to the input dtype.
@@ -15,7 +16,7 @@ import torch
 from torch.autograd import Function
 from torch.autograd.function import once_differentiable
 
-from . import _extension
+from . import _extension, ms_deform_attn_export
 from .ms_deform_attn_pytorch import ms_deform_attn_pytorch
 
 __all__ = ["ms_deform_attn", "MSDeformAttnFunction"]
@@ -124,7 +125,11 @@ def ms_deform_attn(
     args = (value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
     _check_shapes(*args, im2col_step)
     if torch.jit.is_tracing() or torch.jit.is_scripting() or torch.onnx.is_in_onnx_export():
-        return ms_deform_attn_pytorch(
+        if ms_deform_attn_export.get_export_formulation() == "gather":
+            fn = ms_deform_attn_export.ms_deform_attn_gather
+        else:
+            fn = ms_deform_attn_pytorch
+        return fn(
             value, spatial_shapes, level_start_index, sampling_locations, attention_weights, im2col_step
         )
     key, reason = _fallback_reason(value)

@@ -1,17 +1,17 @@
 """Detectron2 mapper that turns one frame dict (the clip's anchor) into a T-frame training clip.
 
-Frames after the anchor are drawn with random gaps in ``[1, INPUT.CLIP_MAX_INTERVAL]`` (clipped at the end of
-the
-sequence; the clip is shifted back when the sequence is too short). The augmentation (flip / resize / crop,
-the detector's ``build_detr_augmentations``) is sampled once on the anchor and applied identically to every
-frame, so boxes of one object move consistently across the clip.
+The clip has ``ClipLengthSchedule(INPUT.CLIP_LENGTHS, INPUT.CLIP_LENGTH_STEPS)(iteration)`` frames (the
+iteration comes with the sample, see :mod:`ddetr_video.clip_schedule`). Frames after the anchor are drawn
+with gaps in ``[1, INPUT.CLIP_MAX_INTERVAL]``: one gap for the whole clip (``INPUT.CLIP_INTERVAL_MODE``
+``"per_clip"``, MOTR's ``random_interval``) or one per pair of frames (``"per_gap"``); the clip is shifted
+back when it would run past the end of the sequence (and its gaps shrunk when even that is impossible).
+The augmentation (flip / resize / crop, the detector's ``build_detr_augmentations``) is sampled once on the
+anchor and applied identically to every frame, so boxes of one object move consistently across the clip.
 
 Output: ``{"clip": [frame_0, ..., frame_{T-1}]}``; each frame is ``{"image": (C, H, W) uint8, "height",
-"width",
-"instances": Instances(gt_boxes XYXY abs in the transformed image, gt_classes, gt_track_ids, gt_visibility),
-"frame_idx", "sequence", "file_name", "image_id"}``; the clip dict also has the transformed
-``height``/``width``
-(for aspect-ratio grouping).
+"width", "instances": Instances(gt_boxes XYXY abs in the transformed image, gt_classes, gt_track_ids,
+gt_visibility), "frame_idx", "sequence", "file_name", "image_id"}``; the clip dict also has the transformed
+``height``/``width`` (for aspect-ratio grouping).
 """
 
 import copy
@@ -25,7 +25,13 @@ from detectron2.data import detection_utils as utils
 from detectron2.data import transforms as T
 from detectron2.structures import Boxes, BoxMode, Instances
 
-__all__ = ["ClipDatasetMapper", "index_sequences", "sample_clip_indices"]
+from ddetr_d2.errors import ConfigError
+
+from .clip_schedule import ClipLengthSchedule
+
+__all__ = ["ClipDatasetMapper", "index_sequences", "sample_clip_indices", "CLIP_INTERVAL_MODES"]
+
+CLIP_INTERVAL_MODES = ("per_clip", "per_gap")
 
 logger = logging.getLogger(__name__)
 
@@ -43,19 +49,27 @@ def index_sequences(dataset_dicts):
     return dict(seqs)
 
 
-def sample_clip_indices(anchor_pos, seq_len, clip_length, max_interval, rng=np.random):
+def sample_clip_indices(anchor_pos, seq_len, clip_length, max_interval, rng=np.random, mode="per_gap"):
     """Positions (into a sequence of ``seq_len`` frames) of a clip starting near ``anchor_pos``.
 
-    Gaps are uniform in [1, max_interval]; if the clip would run past the end, it is shifted back (and gaps
-    shrunk to 1 if even that is impossible). Returns a strictly increasing list of ``min(clip_length,
-    seq_len)`` positions.
+    Gaps are uniform in [1, max_interval]: one per pair of frames (``mode="per_gap"``) or one for the whole
+    clip (``"per_clip"``, MOTR). If the clip would run past the end, it is shifted back; if even that is
+    impossible the gaps shrink (per_gap: to 1; per_clip: to the largest equal gap that fits). Returns a
+    strictly increasing list of ``min(clip_length, seq_len)`` positions.
     """
+    if mode not in CLIP_INTERVAL_MODES:
+        raise ValueError(f"clip interval mode must be one of {CLIP_INTERVAL_MODES}, got {mode!r}")
     n = min(clip_length, seq_len)
-    gaps = rng.randint(1, max(max_interval, 1) + 1, size=max(n - 1, 0))
+    hi = max(max_interval, 1) + 1
+    if mode == "per_clip":
+        gaps = np.full(max(n - 1, 0), int(rng.randint(1, hi)), dtype=np.int64)
+    else:
+        gaps = rng.randint(1, hi, size=max(n - 1, 0))
     span = int(gaps.sum())
     if span > seq_len - 1:
-        gaps = np.ones_like(gaps)
-        span = n - 1
+        fit = (seq_len - 1) // max(n - 1, 1) if mode == "per_clip" else 1
+        gaps = np.full_like(gaps, max(fit, 1))
+        span = int(gaps.sum())
     start = min(anchor_pos, seq_len - 1 - span)
     return [int(start)] + [int(start + c) for c in np.cumsum(gaps)]
 
@@ -63,7 +77,8 @@ def sample_clip_indices(anchor_pos, seq_len, clip_length, max_interval, rng=np.r
 class ClipDatasetMapper:
     """
     Args:
-        cfg: config with ``INPUT.CLIP_LENGTH`` / ``INPUT.CLIP_MAX_INTERVAL``.
+        cfg: config with ``INPUT.CLIP_LENGTHS`` / ``CLIP_LENGTH_STEPS`` / ``CLIP_MAX_INTERVAL`` /
+            ``CLIP_INTERVAL_MODE``.
         dataset_names: the datasets whose frames clips are drawn from (default ``cfg.DATASETS.TRAIN``).
         is_train: sample augmentations (False: test resize only, clip length still applies).
         augmentations: override the augmentation list.
@@ -78,10 +93,13 @@ class ClipDatasetMapper:
         self.pos = {
             (s, d["frame_idx"]): i for s, frames in self.sequences.items() for i, d in enumerate(frames)
         }
-        self.clip_length = int(cfg.INPUT.CLIP_LENGTH)
+        self.clip_length = ClipLengthSchedule.from_config(cfg)
         self.max_interval = int(cfg.INPUT.CLIP_MAX_INTERVAL)
-        if self.clip_length < 1:
-            raise ValueError(f"INPUT.CLIP_LENGTH must be >= 1, got {self.clip_length}")
+        self.interval_mode = cfg.INPUT.CLIP_INTERVAL_MODE
+        if self.interval_mode not in CLIP_INTERVAL_MODES:
+            raise ConfigError(
+                f"INPUT.CLIP_INTERVAL_MODE must be one of {CLIP_INTERVAL_MODES}, got {self.interval_mode!r}"
+            )
         self.image_format = cfg.INPUT.FORMAT
         augs = augmentations if augmentations is not None else build_detr_augmentations(cfg, is_train)
         self.augmentations = T.AugmentationList(augs)
@@ -117,7 +135,8 @@ class ClipDatasetMapper:
         out["instances"] = inst[keep]
         return out
 
-    def __call__(self, dataset_dict):
+    def __call__(self, dataset_dict, iteration=None):
+        """A clip anchored at ``dataset_dict``, ``self.clip_length(iteration)`` frames long."""
         seq = dataset_dict["sequence"]
         frames = self.sequences.get(seq)
         if frames is None:
@@ -125,7 +144,9 @@ class ClipDatasetMapper:
                 f"sequence '{seq}' of '{dataset_dict.get('file_name')}' is not in the mapper's index"
             )
         anchor = self.pos[(seq, dataset_dict["frame_idx"])]
-        positions = sample_clip_indices(anchor, len(frames), self.clip_length, self.max_interval)
+        positions = sample_clip_indices(
+            anchor, len(frames), self.clip_length(iteration), self.max_interval, mode=self.interval_mode
+        )
         clip, transforms = [], None
         for p in positions:
             d = copy.deepcopy(frames[p])

@@ -8,44 +8,75 @@ __all__ = ["add_tracker_config", "get_tracker_cfg"]
 def add_tracker_config(cfg):
     """Add ``cfg.MODEL.TRACKER.*`` and the clip sampling keys ``cfg.INPUT.CLIP_*`` (in place)."""
     cfg.MODEL.TRACKER = CN()
-    # --- inference bookkeeping (RuntimeTracker) ---
-    cfg.MODEL.TRACKER.BIRTH_THRESHOLD = 0.5  # detect query score that starts a new track
-    cfg.MODEL.TRACKER.KEEP_THRESHOLD = 0.4  # track query score that keeps (and shows) a track
-    cfg.MODEL.TRACKER.MAX_AGE = 5  # consecutive frames under KEEP_THRESHOLD before a track dies
-    cfg.MODEL.TRACKER.DUPLICATE_IOU = 0.7  # births overlapping a live track more than this are dropped
+    # --- runtime association (ddetr_video.tracking.TRACKER_REGISTRY, built by build_tracker(cfg)) ---
+    # "RuntimeTracker": query propagation (track queries carried by the model; needs QueryTracker);
+    # "IoUTracker": per-frame detections (one box per query) + Hungarian on 1 - IoU, the baseline.
+    cfg.MODEL.TRACKER.ASSOCIATION = "RuntimeTracker"
+    # detect query score that starts a new track (IoUTracker: detection score that starts a track)
+    cfg.MODEL.TRACKER.BIRTH_THRESHOLD = 0.5
+    # track query score that keeps (and shows) a track (IoUTracker: detection score that can continue a track)
+    cfg.MODEL.TRACKER.KEEP_THRESHOLD = 0.4
+    # a track missed in MAX_AGE consecutive frames dies at that frame (MOTR's miss_tolerance): it survives
+    # MAX_AGE - 1 consecutive misses; 1 = it dies at its first miss. Same meaning for both associations.
+    cfg.MODEL.TRACKER.MAX_AGE = 5
+    # births overlapping a live track more than this are dropped (IoUTracker: class-agnostic NMS IoU of the
+    # detections before association)
+    cfg.MODEL.TRACKER.DUPLICATE_IOU = 0.7
+    cfg.MODEL.TRACKER.IOU_MATCH_THRESHOLD = 0.3  # IoUTracker: minimum IoU of a track-detection match
+    cfg.MODEL.TRACKER.IOU_CLASS_AWARE = False  # IoUTracker: only match tracks and detections of one class
     # a track overlapping a higher-scoring visible track more than this is hidden for the frame (0: off)
     cfg.MODEL.TRACKER.TRACK_DUPLICATE_IOU = 0.7
     cfg.MODEL.TRACKER.MIN_BOX_AREA = 0.0  # reported boxes smaller than this (pixels^2) are not written
+    # reported boxes need a score above this (MOTR's prob_threshold 0.7); 0: every shown track is reported
+    cfg.MODEL.TRACKER.REPORT_THRESHOLD = 0.0
+    # decoder reference of every query: "box" (cx, cy, w, h; detect queries get a learned size) or "point"
+    # (MOTR: (cx, cy), a track's is its last box centre)
+    cfg.MODEL.TRACKER.REFERENCE = "box"
     # --- query interaction module ---
     cfg.MODEL.TRACKER.QIM_DIM_FEEDFORWARD = 1024
     cfg.MODEL.TRACKER.QIM_DROPOUT = 0.0
     cfg.MODEL.TRACKER.QIM_UPDATE_QUERY_POS = True
+    # base of the content update: "previous_query" (MOTR: the track's content query fed to the decoder this
+    # frame) or "decoder_output" (this frame's decoder output, the former rule)
+    cfg.MODEL.TRACKER.QIM_RESIDUAL = "previous_query"
+    cfg.MODEL.TRACKER.QIM_INIT = "xavier"  # "xavier" (MOTR: xavier_uniform_ on every matrix) or "default"
+    # MOTR's --extra_track_attn: before each decoder layer's self-attention, the track queries attend among
+    # themselves (ddetr_video.track_attention)
+    cfg.MODEL.TRACKER.EXTRA_TRACK_ATTN = False
     # --- training-time track augmentation (MOTR / TrackFormer) ---
     cfg.MODEL.TRACKER.RANDOM_DROP = 0.1  # probability to drop a track query for the next frame
     cfg.MODEL.TRACKER.FP_RATIO = 0.3  # probability per frame to add unmatched detect queries as fake tracks
     cfg.MODEL.TRACKER.FP_MAX = 2  # at most this many fake tracks per frame
     cfg.MODEL.TRACKER.MIN_BIRTH_VISIBILITY = 0.3  # untracked objects less visible are not detect targets
-    cfg.MODEL.TRACKER.MIN_TRACK_IOU = 0.0  # matched detect queries become tracks only above this box IoU
+    # training: a matched query (old track or new detection) is carried to the next frame only if its box IoU
+    # with its target is above this (MOTR: 0.5, old and new tracks); <= 0: no gate
+    cfg.MODEL.TRACKER.TRAIN_TRACK_IOU = 0.5
+    # fake tracks (trained as "no object"): "near_track" (MOTR): for each kept track, with probability
+    # FP_RATIO, the unmatched query overlapping it most, matchable to a new object in the next frame (FP_MAX
+    # unused); "top_score": with probability FP_RATIO per frame, the FP_MAX best-scoring unmatched detect
+    # queries
+    cfg.MODEL.TRACKER.FAKE_TRACKS = "near_track"
+    # training keeps the track of an absent object ("no object" target, re-bound by id when it returns) until
+    # its MAX_AGE-th consecutive absence, as inference does (MOTR); False: dropped at the first absence
+    cfg.MODEL.TRACKER.KEEP_ABSENT_TRACKS = True
+    # the loss normaliser also counts track slots whose object is absent (MOTR's num_samples); False: objects
+    cfg.MODEL.TRACKER.LOSS_COUNTS_ABSENT_TRACKS = False
     # --- tiny CPU backbone (MODEL.BACKBONE.NAME: build_tiny_conv_backbone) ---
     cfg.MODEL.TINY_BACKBONE = CN()
     cfg.MODEL.TINY_BACKBONE.CHANNELS = [16, 32, 64, 128]  # stem, res3, res4, res5
     # --- clip sampling (ClipDatasetMapper) ---
-    cfg.INPUT.CLIP_LENGTH = 3  # frames per training clip
+    # frames per training clip: CLIP_LENGTHS[i] from iteration CLIP_LENGTH_STEPS[i - 1] on (MOTR's
+    # sampler_lengths / sampler_steps, in iterations here); one length and no steps: fixed
+    cfg.INPUT.CLIP_LENGTHS = (3,)
+    cfg.INPUT.CLIP_LENGTH_STEPS = ()
     cfg.INPUT.CLIP_MAX_INTERVAL = 3  # gap between consecutive clip frames drawn uniformly in [1, this]
+    # "per_clip" (MOTR's random_interval): one gap drawn per clip; "per_gap": each gap drawn anew
+    cfg.INPUT.CLIP_INTERVAL_MODE = "per_clip"
     return cfg
 
 
-def get_tracker_cfg(config_file=None, opts=()):
-    """A fresh config with the detector and tracker keys, merged with ``config_file`` and ``opts``."""
-    from detectron2.config import get_cfg
+def get_tracker_cfg(config_file=None, opts=(), freeze=False):
+    """``ddetr_d2.config.build_cfg`` with the tracker keys (``add_tracker_config``); unfrozen by default."""
+    from ddetr_d2.config import build_cfg
 
-    from ddetr_d2.config import add_deformable_detr_config
-
-    cfg = get_cfg()
-    add_deformable_detr_config(cfg)
-    add_tracker_config(cfg)
-    if config_file:
-        cfg.merge_from_file(config_file)
-    if opts:
-        cfg.merge_from_list(list(opts))
-    return cfg
+    return build_cfg(config_file, opts, add_config_fns=(add_tracker_config,), freeze=freeze)

@@ -19,7 +19,10 @@ Rows dropped while loading: gt rows with consider flag 0, classes that are neith
 ``min_visibility`` (0 by default: fully occluded targets stay, as in the MOT17 ground truth).
 
 Registered names (see :func:`register_all`; roots are under ``$DDETR_DATASETS``, default ``./datasets``):
-``synthetic_mot_train``, ``synthetic_mot_val`` (generated on first use), ``mot17_train``,
+``synthetic_mot_train``, ``synthetic_mot_val`` (generated on first use), ``synthetic_mot_tune`` (same
+generator, other sequences: choose thresholds here, never on val), ``synthetic_mot_hard_val``
+(:data:`SYNTHETIC_HARD_CONFIG`: more objects, two more look-alike crossings, 4-frame occlusions, a panning
+camera; root ``synthetic_mot_hard``), ``mot17_train``,
 ``mot17_train_half``, ``mot17_val_half`` (FRCNN copies; halves = first / second half of each sequence's
 frames, the usual local split),
 ``mot20_train``, ``mot20_train_half``, ``mot20_val_half``, ``dancetrack_train``, ``dancetrack_val``.
@@ -43,11 +46,23 @@ __all__ = [
     "register_synthetic_mot",
     "register_all",
     "SYNTHETIC_SPLITS",
+    "SYNTHETIC_TUNE_SPLITS",
+    "SYNTHETIC_HARD_SPLITS",
+    "SYNTHETIC_HARD_CONFIG",
+    "register_synthetic_eval_splits",
 ]
 
 SYNTHETIC_SPLITS = {"train": 8, "val": 3}
 SYNTHETIC_CONFIG = SyntheticVideoConfig(num_frames=40)
 SYNTHETIC_SEED = 2024
+# threshold-tuning split: the val generator, other seeds (split name "tune"); its own root, so a set generated
+# before it existed keeps its recipe
+SYNTHETIC_TUNE_SPLITS = {"tune": 3}
+# harder split: 8 + 2 x 2 identities, every look-alike pair hidden 4 frames, camera pan up to 2 px/frame
+SYNTHETIC_HARD_CONFIG = SyntheticVideoConfig(
+    num_frames=40, num_objects=8, extra_crossings=2, occlusion_frames=4, camera_motion=2.0
+)
+SYNTHETIC_HARD_SPLITS = {"hard_val": 3}
 
 
 def datasets_root() -> str:
@@ -178,17 +193,46 @@ def register_synthetic_mot(
     for split in splits:
         name = f"{prefix}_{split}"
 
-        def _load(split=split):
+        def _prepare():
             r = root_ if root_ is not None else synthetic_mot_root()
             generate_dataset(r, splits, cfg, seed)
-            return load_mot_dataset(r, split, "synthetic")
+            return r
+
+        def _load(split=split):
+            return load_mot_dataset(_prepare(), split, "synthetic")
 
         if name in DatasetCatalog.list():
             DatasetCatalog.remove(name)
         DatasetCatalog.register(name, _load)
-        _set_metadata(name, "synthetic", mot_root=root_ or synthetic_mot_root(), mot_split=split)
+        # ``prepare``: generate the files before a pre-flight validation reads them (ddetr_d2.data.validation)
+        _set_metadata(
+            name, "synthetic", mot_root=root_ or synthetic_mot_root(), mot_split=split, prepare=_prepare
+        )
         names.append(name)
     return names
+
+
+def register_synthetic_eval_splits(
+    root: str | None = None,
+    prefix: str = "synthetic_mot",
+    num_tune: int = 3,
+    num_hard: int = 3,
+    seed=SYNTHETIC_SEED,
+) -> Dict[str, str]:
+    """Register ``<prefix>_tune`` (at ``<root>_tune``) and ``<prefix>_hard_val`` (at ``<root>_hard``, the
+    :data:`SYNTHETIC_HARD_CONFIG` generator); a count of 0 skips the split. ``root`` defaults to
+    ``$DDETR_DATASETS/synthetic_mot``. Returns ``{"tune": name, "hard_val": name}`` of those registered."""
+    base = root if root is not None else synthetic_mot_root()
+    out = {}
+    if num_tune > 0:
+        (out["tune"],) = register_synthetic_mot(
+            base + "_tune", SYNTHETIC_CONFIG, {"tune": num_tune}, seed, prefix
+        )
+    if num_hard > 0:
+        (out["hard_val"],) = register_synthetic_mot(
+            base + "_hard", SYNTHETIC_HARD_CONFIG, {"hard_val": num_hard}, seed, prefix
+        )
+    return out
 
 
 def register_all(root: str | None = None) -> None:
@@ -196,6 +240,7 @@ def register_all(root: str | None = None) -> None:
     ``$DDETR_DATASETS``)."""
     base = datasets_root() if root is None else root
     register_synthetic_mot(None if root is None else os.path.join(root, "synthetic_mot"))
+    register_synthetic_eval_splits(os.path.join(base, "synthetic_mot"))
     for bench, fmt in (("MOT17", "mot17"), ("MOT20", "mot20")):
         det = "FRCNN" if fmt == "mot17" else None
         low = bench.lower()

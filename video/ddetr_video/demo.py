@@ -1,166 +1,155 @@
-"""Track a video file and write an annotated video plus MOTChallenge results (``tools/demo.py --track``).
+"""The tracking demo: track the objects of a video file, write an annotated video and MOTChallenge results.
 
-With a ``QueryTracker`` config the model's own track queries give the ids; with a plain ``DeformableDETR``
-config the detections are associated frame to frame by :class:`ddetr_video.iou_tracker.IoUTracker`.
+Entry points: ``video/demo.py`` and ``tools/demo.py --track`` (which hands its command line to
+:func:`main`). It is the detection demo (:mod:`ddetr_d2.demo`) plus tracking: the same command line
+(:func:`get_tracking_parser` extends ``get_demo_parser``), the same config and checked weight loading
+(``build_cfg`` with the tracker keys, ``build_demo_model``), the same frame preprocessing
+(``ImagePredictor``), video reading / writing / progress bar (``process_video``, ``VideoSink``) and
+Detectron2's ``Visualizer``, with one stable colour per track id.
+
+The tracking itself is :class:`ddetr_video.predictor.TrackingPredictor` (one BGR frame per call, the
+association that ``MODEL.TRACKER.ASSOCIATION`` names: ``RuntimeTracker``, query propagation with a
+``QueryTracker``, or ``IoUTracker``, the IoU baseline, with any detector); this module only reads,
+draws and writes.
 """
 
 import colorsys
 import logging
 import os
 
-import cv2
 import numpy as np
-import torch
-from detectron2.checkpoint import DetectionCheckpointer
-from detectron2.data import transforms as T
-from detectron2.modeling import build_model
+from detectron2.utils.logger import setup_logger
+from detectron2.utils.visualizer import Visualizer
 
+from ddetr_d2.config import build_cfg
+from ddetr_d2.demo.cli import check_threshold, get_demo_parser, run_cli, setup_demo_logging
+from ddetr_d2.demo.io import DemoError, open_video, process_video, resolve_video_output
+from ddetr_d2.demo.predictor import demo_metadata
+
+from .config import add_tracker_config
 from .mot_format import write_results_file
+from .predictor import TrackingPredictor
 
-__all__ = ["track_video", "id_colour", "draw_tracks", "output_paths"]
+__all__ = ["get_tracking_parser", "main", "track_video", "track_colour", "draw_tracks"]
 
 logger = logging.getLogger(__name__)
 
 
-def id_colour(track_id):
-    """A stable, well-spread BGR colour for an integer track id (golden-ratio hue steps)."""
-    h = (int(track_id) * 0.618033988749895) % 1.0
-    r, g, b = colorsys.hsv_to_rgb(h, 0.85, 0.95)
-    return int(b * 255), int(g * 255), int(r * 255)
+def get_tracking_parser(**parser_kwargs):
+    """The detection demo's command line plus ``--track`` (accepted, and implied: this demo always tracks)."""
+    parser_kwargs.setdefault(
+        "description",
+        "Track the objects of a video (ddetr_video): writes <output>/<video stem>_tracks.mp4 with one colour "
+        "per track id and the MOTChallenge results <...>_tracks.txt beside it.",
+    )
+    parser = get_demo_parser(**parser_kwargs)
+    parser.add_argument(
+        "--track",
+        action="store_true",
+        help="track (always on here; tools/demo.py passes --track on to this demo). --output: an .mp4 file "
+        "or a folder; without it, the results are written beside the input video",
+    )
+    return parser
 
 
-def draw_tracks(frame_bgr, boxes, ids, scores=None):
-    """Draw XYXY ``boxes`` with their ids (and scores) on a copy of a BGR uint8 frame."""
-    out = frame_bgr.copy()
-    for i, (box, tid) in enumerate(zip(np.asarray(boxes).reshape(-1, 4), ids)):
-        c = id_colour(tid)
-        x0, y0, x1, y1 = (int(round(v)) for v in box)
-        cv2.rectangle(out, (x0, y0), (x1, y1), c, 2)
-        label = f"{int(tid)}" if scores is None else f"{int(tid)} {float(scores[i]):.2f}"
-        (tw, th), _ = cv2.getTextSize(label, cv2.FONT_HERSHEY_SIMPLEX, 0.4, 1)
-        y_text = max(y0, th + 2)
-        cv2.rectangle(out, (x0, y_text - th - 2), (x0 + tw + 2, y_text), c, -1)
-        cv2.putText(
-            out, label, (x0 + 1, y_text - 2), cv2.FONT_HERSHEY_SIMPLEX, 0.4, (0, 0, 0), 1, cv2.LINE_AA
-        )
-    return out
+def track_colour(track_id):
+    """A stable RGB colour (floats in [0, 1]) of an integer track id: golden-ratio hue steps, so
+    neighbouring ids get far-apart hues and an id keeps its colour in every frame and run."""
+    hue = (int(track_id) * 0.618033988749895) % 1.0
+    return colorsys.hsv_to_rgb(hue, 0.85, 0.95)
 
 
-def output_paths(video_path, output_path):
-    """(annotated video path, MOT txt path). ``output_path``: a file, a folder, or None (beside the input)."""
-    stem = os.path.splitext(os.path.basename(video_path))[0]
-    if output_path is None:
-        out_video = os.path.join(os.path.dirname(os.path.abspath(video_path)), stem + "_tracks.mp4")
-    elif (
-        os.path.isdir(output_path)
-        or output_path.endswith(("/", os.sep))
-        or not os.path.splitext(output_path)[1]
+def draw_tracks(frame_bgr, instances, metadata):
+    """
+    Draw one frame's tracks with Detectron2's Visualizer: each box in its id's :func:`track_colour`,
+    labelled ``<id> <class> <score %>``. ``instances``: pred_boxes (XYXY, frame pixels), scores,
+    pred_classes, track_ids. Returns a new BGR uint8 frame of the same size.
+    """
+    classes = metadata.get("thing_classes", None)
+    labels = []
+    for tid, cls, score in zip(
+        instances.track_ids.tolist(), instances.pred_classes.tolist(), instances.scores.tolist()
     ):
-        os.makedirs(output_path, exist_ok=True)
-        out_video = os.path.join(output_path, stem + "_tracks.mp4")
-    else:
-        out_video = output_path
-    os.makedirs(os.path.dirname(os.path.abspath(out_video)), exist_ok=True)
-    return out_video, os.path.splitext(out_video)[0] + ".txt"
+        name = classes[cls] if classes and 0 <= cls < len(classes) else f"class {cls}"
+        labels.append(f"{tid} {name} {score:.0%}")
+    visualizer = Visualizer(frame_bgr[:, :, ::-1], metadata)
+    vis = visualizer.overlay_instances(
+        boxes=instances.pred_boxes.tensor.numpy(),
+        labels=labels,
+        assigned_colors=[track_colour(t) for t in instances.track_ids.tolist()],
+    )
+    return np.ascontiguousarray(vis.get_image()[:, :, ::-1])
 
 
-def _open_writer(path, fps, size):
-    for p, codec in ((path, "mp4v"), (os.path.splitext(path)[0] + ".avi", "MJPG")):
-        w = cv2.VideoWriter(p, cv2.VideoWriter_fourcc(*codec), fps, size)
-        if w.isOpened():
-            return w, p
-        w.release()
-    raise OSError(f"cannot open a video writer for {path} (mp4v) nor its .avi fallback (MJPG)")
-
-
-def _ensure_tracker_cfg(cfg):
-    if "TRACKER" in cfg.MODEL:
-        return cfg
-    from .config import add_tracker_config
-
-    cfg = cfg.clone()
-    cfg.defrost()
-    add_tracker_config(cfg)
-    return cfg
-
-
-def track_video(cfg, video_path, output_path=None, confidence_threshold=0.5, model=None):
+def track_video(
+    cfg, video_path, output_path=None, confidence_threshold=0.5, model=None, allow_mismatch=False
+):
     """
     Args:
-        cfg: Detectron2 config of a ``QueryTracker`` (ids from track queries) or ``DeformableDETR``
-            (ids from IoUTracker association); ``MODEL.WEIGHTS`` is loaded unless ``model`` is given.
+        cfg: config with the tracker keys: a ``QueryTracker`` with ``MODEL.TRACKER.ASSOCIATION``
+            ``RuntimeTracker`` (ids from track queries), or any detector with ``IoUTracker``.
         video_path: input video file readable by OpenCV.
-        output_path: annotated video file, or a folder (``<stem>_tracks.mp4`` inside), or None (beside
-            the input).
-        confidence_threshold: boxes with a lower score are neither drawn nor written.
-        model: an already built model (tests, notebooks); put in eval mode here.
+        output_path: annotated video file, or a folder (``<stem>_tracks.mp4`` inside), or None (a
+            ``<stem>_tracks.mp4`` beside the input).
+        confidence_threshold: tracks with a lower score in a frame are neither drawn nor written
+            there (births and deaths follow the ``MODEL.TRACKER`` thresholds).
+        model: an already built model (tests, notebooks); else ``MODEL.WEIGHTS`` is loaded and
+            checked (``allow_mismatch``: warn instead of stopping on keys that do not fit).
     Returns:
-        Path of the MOTChallenge results file (``frame,id,x,y,w,h,score,-1,-1,-1``, frames 1-based), written
-        beside the annotated video (same stem, ``.txt``).
-    """
-    if not 0.0 <= confidence_threshold <= 1.0:
-        raise ValueError(f"confidence_threshold must be in [0, 1], got {confidence_threshold}")
-    cap = cv2.VideoCapture(video_path)
-    if not cap.isOpened():
-        raise OSError(f"cannot open video {video_path}")
-    cfg = _ensure_tracker_cfg(cfg)
-    if model is None:
-        model = build_model(cfg)
-        DetectionCheckpointer(model).load(cfg.MODEL.WEIGHTS)
-    model.eval()
-    query_tracker = hasattr(model, "track") and hasattr(model, "reset_tracks")
-    if query_tracker:
-        model.reset_tracks()
-    else:
-        from .iou_tracker import IoUTracker, assign_track_ids
+        Path of the MOTChallenge results file (``frame,id,x,y,w,h,score,-1,-1,-1``, frames 1-based),
+        written beside the annotated video (same stem, ``.txt``).
 
-        tc = cfg.MODEL.TRACKER
-        iou_tracker = IoUTracker(
-            birth_score=max(confidence_threshold, tc.BIRTH_THRESHOLD),
-            match_score=confidence_threshold,
-            max_age=tc.MAX_AGE,
-        )
-    resize = T.ResizeShortestEdge(cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MAX_SIZE_TEST)
-    fps = cap.get(cv2.CAP_PROP_FPS) or 10.0
-    out_video, out_txt = output_paths(video_path, output_path)
-    writer, rows, n = None, [], 0
-    seq = os.path.splitext(os.path.basename(video_path))[0]
-    try:
-        while True:
-            ok, frame = cap.read()
-            if not ok:
-                break
-            h, w = frame.shape[:2]
-            if writer is None:
-                writer, out_video = _open_writer(out_video, fps, (w, h))
-            image = frame[:, :, ::-1] if cfg.INPUT.FORMAT == "RGB" else frame
-            image = resize.get_transform(image).apply_image(image)
-            inp = {
-                "image": torch.as_tensor(np.ascontiguousarray(image.transpose(2, 0, 1))),
-                "height": h,
-                "width": w,
-                "sequence": seq,
-                "frame_idx": n,
-            }
-            with torch.no_grad():
-                if query_tracker:
-                    inst = model.track([inp])[0]["instances"]
-                else:
-                    inst = model([inp])[0]["instances"]
-                    inst = assign_track_ids(inst[inst.scores >= confidence_threshold], iou_tracker)
-            inst = inst[(inst.scores >= confidence_threshold) & (inst.track_ids >= 0)].to("cpu")
-            boxes = inst.pred_boxes.tensor.numpy()
-            ids, scores = inst.track_ids.numpy(), inst.scores.numpy()
-            writer.write(draw_tracks(frame, boxes, ids, scores))
-            n += 1
-            for b, i, s in zip(boxes, ids, scores):
-                rows.append([n, i, b[0], b[1], b[2] - b[0], b[3] - b[1], s])
-    finally:
-        cap.release()
-        if writer is not None:
-            writer.release()
-    if n == 0:
-        raise OSError(f"no frame could be read from {video_path}")
+    The video, the output location and the weights are checked before anything is created.
+    """
+    check_threshold(confidence_threshold)
+    open_video(video_path).release()
+    if output_path is None:
+        output_path = os.path.dirname(os.path.abspath(video_path)) + os.sep
+    resolve_video_output(output_path, video_path, suffix="_tracks.mp4", create=False)
+    if model is None:
+        tracker = TrackingPredictor.from_config(cfg, allow_mismatch=allow_mismatch)
+    else:
+        tracker = TrackingPredictor(cfg, model)
+    metadata = demo_metadata(cfg)
+    rows = []
+
+    def annotate(frames):
+        for n, frame in enumerate(frames, start=1):
+            inst = tracker(frame).to("cpu")
+            inst = inst[(inst.scores >= confidence_threshold) & (inst.track_ids >= 0)]
+            boxes = inst.pred_boxes.tensor.numpy().astype(np.float64)
+            for box, tid, score in zip(boxes, inst.track_ids.tolist(), inst.scores.tolist()):
+                rows.append([n, tid, box[0], box[1], box[2] - box[0], box[3] - box[1], score])
+            yield draw_tracks(frame, inst, metadata)
+
+    out_video = resolve_video_output(output_path, video_path, suffix="_tracks.mp4")
+    sink = process_video(video_path, annotate, out_video)
+    out_txt = os.path.splitext(sink.path)[0] + ".txt"
     write_results_file(out_txt, np.asarray(rows, dtype=np.float64).reshape(-1, 7))
-    logger.info(f"tracked {n} frames of {video_path}: {out_video}, {out_txt}")
+    num_ids = len({int(r[1]) for r in rows})
+    logger.info(
+        "tracked %d frames of %s (%d ids): %s, %s", sink.num_frames, video_path, num_ids, sink.path, out_txt
+    )
     return out_txt
+
+
+def _run(argv):
+    args = get_tracking_parser().parse_args(argv)
+    setup_demo_logging()
+    setup_logger(name="ddetr_video")
+    if args.input or args.webcam:
+        raise DemoError("--track works on --video only (not with --input or --webcam)")
+    if not args.video:
+        raise DemoError("--track needs --video PATH")
+    if args.show_sampling:
+        raise DemoError("--show-sampling is not available with --track")
+    check_threshold(args.confidence_threshold)
+    cfg = build_cfg(args.config_file, args.opts, add_config_fns=(add_tracker_config,))
+    return track_video(
+        cfg, args.video, args.output, args.confidence_threshold, allow_mismatch=args.allow_mismatch
+    )
+
+
+def main(argv=None, prog="demo.py --track"):
+    """Entry point of video/demo.py and tools/demo.py --track; returns the exit code (0 ok, 2 user error)."""
+    return run_cli(_run, argv, prog)

@@ -448,3 +448,15 @@ class MOTEvaluator(DatasetEvaluator):
         from detectron2.data import DatasetCatalog
 
         return gt_from_dataset_dicts(DatasetCatalog.get(self._dataset_name))
+
+
+try:  # Detectron2's convention: datasets whose metadata says evaluator_type="mot" are scored by MOTEvaluator
+    from ddetr_d2.evaluation import EVALUATOR_REGISTRY
+except ImportError:  # pragma: no cover - without detectron2 the metric functions above still work
+    EVALUATOR_REGISTRY = None
+else:
+
+    @EVALUATOR_REGISTRY.register("mot")
+    def build_mot_evaluator(cfg, dataset_name, output_folder):
+        """``MOTEvaluator`` of a dataset whose metadata has ``evaluator_type="mot"``."""
+        return MOTEvaluator(dataset_name, output_dir=output_folder)

@@ -9,8 +9,12 @@ Per frame (:meth:`IoUTracker.update`):
 3. a matched track takes the detection's box and resets its age; an unmatched candidate with
    ``score >= birth_score`` starts a new track (ids 1, 2, 3, ... never reused); other unmatched candidates
    get -1;
-4. an unmatched track ages by one frame and is deleted once it has gone ``max_age`` frames without a match
-   (``max_age=0``: deleted at the first miss). While it waits, its last box can still be matched.
+4. an unmatched track ages by one frame and is deleted at its ``max_age``-th consecutive frame without a
+   match (MOTR's ``miss_tolerance``, the same meaning as :class:`RuntimeTracker`'s; ``max_age=1``: deleted at
+   the first miss). While it waits, its last box can still be matched.
+
+``nms_iou`` is not used by :meth:`IoUTracker.update`; it is the class-agnostic NMS that
+``ddetr_video.tracking.associate_detections`` applies to a frame's detections before calling it.
 
 ``assign_track_ids(instances, tracker)`` adds the ``track_ids`` field that :class:`MOTEvaluator` expects to a
 Detectron2 ``Instances`` of one frame.
@@ -57,8 +61,9 @@ class IoUTracker:
         iou_threshold: minimum IoU for a track-detection match.
         birth_score: minimum score for an unmatched detection to start a track.
         match_score: minimum score for a detection to continue a track (<= birth_score).
-        max_age: frames a track survives without a match.
+        max_age: a track dies at its ``max_age``-th consecutive frame without a match (>= 1).
         class_aware: only match tracks and detections of the same class.
+        nms_iou: class-agnostic NMS IoU applied to the detections before association (None: no NMS).
     """
 
     def __init__(
@@ -68,20 +73,37 @@ class IoUTracker:
         match_score: float | None = None,
         max_age: int = 5,
         class_aware: bool = True,
+        nms_iou: float | None = None,
     ):
         match_score = birth_score if match_score is None else match_score
         if not 0.0 < iou_threshold <= 1.0:
             raise ValueError(f"iou_threshold must be in (0, 1], got {iou_threshold}")
         if match_score > birth_score:
             raise ValueError(f"match_score ({match_score}) must be <= birth_score ({birth_score})")
-        if max_age < 0:
-            raise ValueError(f"max_age must be >= 0, got {max_age}")
+        if max_age < 1:
+            raise ValueError(f"max_age must be >= 1, got {max_age}")
         self.iou_threshold = float(iou_threshold)
         self.birth_score = float(birth_score)
         self.match_score = float(match_score)
         self.max_age = int(max_age)
         self.class_aware = bool(class_aware)
+        self.nms_iou = None if nms_iou is None else float(nms_iou)
         self.reset()
+
+    #: associates per-frame detections; the model needs no track queries
+    uses_track_queries = False
+
+    @classmethod
+    def from_config(cls, cfg):
+        tc = cfg.MODEL.TRACKER
+        return cls(
+            iou_threshold=tc.IOU_MATCH_THRESHOLD,
+            birth_score=tc.BIRTH_THRESHOLD,
+            match_score=tc.KEEP_THRESHOLD,
+            max_age=tc.MAX_AGE,
+            class_aware=tc.IOU_CLASS_AWARE,
+            nms_iou=tc.DUPLICATE_IOU,
+        )
 
     def reset(self) -> None:
         """Forget all tracks; ids restart at 1 (call between sequences)."""
@@ -135,7 +157,7 @@ class IoUTracker:
         for i, t in enumerate(self.tracks):
             if i not in matched_tracks:
                 t.age += 1
-                if t.age > self.max_age:
+                if t.age >= self.max_age:
                     continue
             survivors.append(t)
         for d in cand:

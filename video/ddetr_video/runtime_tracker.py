@@ -4,16 +4,17 @@ The model keeps one decoder query per live track. After each frame this class de
 boxes of the track queries and of the detect queries,
 
 * which tracks survive (a track whose score stays under ``keep_threshold`` for ``max_age`` consecutive frames
-  dies; its id is never handed out again, i.e. no resurrection),
+  dies at the ``max_age``-th of them, as MOTR's ``miss_tolerance``; its id is never handed out again, i.e. no
+  resurrection),
 * which tracks are *visible* (reported) this frame (score >= ``keep_threshold`` and not a duplicate: two track
   queries can converge on one object, typically when their object hides behind a look-alike; a track whose box
   overlaps a higher-scoring visible track with IoU > ``track_duplicate_iou`` counts as a miss this frame, but
   is still carried, so it comes back if the two separate again),
 * which detect queries give birth to new tracks (score >= ``birth_threshold`` and IoU <= ``duplicate_iou``
-  with
-  every live track and with every other newborn of higher score).
+  with every live track and with every other newborn of higher score).
 
-It only works on tensors of scores and boxes, so it is unit-testable without a model.
+It only works on tensors of scores and boxes, so it is unit-testable without a model. Built from a config by
+``ddetr_video.tracking.build_tracker`` (``MODEL.TRACKER.ASSOCIATION: "RuntimeTracker"``).
 """
 
 from dataclasses import dataclass
@@ -47,6 +48,8 @@ class TrackerUpdate:
 
 class RuntimeTracker:
     """
+    Query-propagation association: the model carries one track query per live track (``QueryTracker``).
+
     Args:
         birth_threshold: a detect query with score >= this starts a new track.
         keep_threshold: a track with score >= this is visible and its miss counter resets.
@@ -73,6 +76,20 @@ class RuntimeTracker:
         self.duplicate_iou = float(duplicate_iou)
         self.track_duplicate_iou = None if track_duplicate_iou is None else float(track_duplicate_iou)
         self.reset()
+
+    #: the model must carry track queries (``QueryTracker``); detections alone are not enough
+    uses_track_queries = True
+
+    @classmethod
+    def from_config(cls, cfg):
+        tc = cfg.MODEL.TRACKER
+        return cls(
+            birth_threshold=tc.BIRTH_THRESHOLD,
+            keep_threshold=tc.KEEP_THRESHOLD,
+            max_age=tc.MAX_AGE,
+            duplicate_iou=tc.DUPLICATE_IOU,
+            track_duplicate_iou=tc.TRACK_DUPLICATE_IOU if tc.TRACK_DUPLICATE_IOU > 0 else None,
+        )
 
     def reset(self):
         """Forget all tracks (start of a new video). Ids restart at 1 (MOTChallenge ids are 1-based)."""

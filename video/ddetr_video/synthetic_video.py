@@ -11,6 +11,12 @@ fixed textured background. Every sequence contains, by construction:
 * a **speed change** for every object (velocity scaled by 0.3-2.5x and turned by up to 30 degrees once);
 * further random objects (entering from any edge or starting inside).
 
+Harder variants (all off by default; :data:`ddetr_video.datasets.SYNTHETIC_HARD_CONFIG` turns them on):
+``extra_crossings`` more look-alike crossing pairs (each adds 2 identities), ``occlusion_frames``: every
+look-alike pair moves together for that many frames where it meets (the far one stays hidden: a longer
+occlusion), ``camera_motion``: a camera-like global pan (a smooth random path, at most that many px/frame)
+that moves the background and every object together.
+
 Ground truth is measured on the rendered pixels: the box is the tight pixel extent of the object's shape
 inside the image (so it is clipped at the border), ``visibility`` = (pixels of the object not covered by
 nearer objects) / (pixels of the object inside the image). Rows exist for every frame in which at least
@@ -20,7 +26,7 @@ the consider flag is always 1.
 Output per sequence: ``<root>/<split>/<name>/{seqinfo.ini, img1/000001.jpg.., gt/gt.txt}``.
 Deterministic: the same (config, seed) gives byte-identical files.
 
-Rendering runs a Numba kernel (:mod:`ddetr_video.numba_kernels`) when numba imports, else the NumPy path.
+Rendering runs a Numba kernel (:mod:`ddetr_video.rasterize`) when numba imports, else the NumPy path.
 """
 
 from __future__ import annotations
@@ -30,13 +36,13 @@ import math
 import os
 import shutil
 import tempfile
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields, replace
 from typing import Dict, List, Tuple
 
 import numpy as np
 
 from .mot_format import SYNTHETIC_CLASSES, SeqInfo, write_gt_file, write_seqinfo
-from .numba_kernels import render_objects
+from .rasterize import render_objects
 
 __all__ = [
     "CLASS_NAMES",
@@ -67,6 +73,10 @@ class SyntheticVideoConfig:
     frame_rate: int = 10
     min_pixels: int = 8  # an object needs this many pixels inside the image to get a gt row
     jpeg_quality: int = 95
+    # harder variants (defaults: off; a set made before they existed keeps its recipe, see _recipe_config)
+    extra_crossings: int = 0  # more look-alike crossing pairs (2 identities each, on top of num_objects)
+    occlusion_frames: int = 0  # look-alike pairs move together this many frames at their meeting point
+    camera_motion: float = 0.0  # max speed (px/frame) of a global camera pan; 0: static camera
 
     def __post_init__(self):
         if self.num_objects < 4:
@@ -79,6 +89,11 @@ class SyntheticVideoConfig:
             raise ValueError(
                 f"need 4 <= min_size <= max_size < min(width, height) / 2, "
                 f"got {self.min_size}, {self.max_size}"
+            )
+        if self.extra_crossings < 0 or self.occlusion_frames < 0 or self.camera_motion < 0:
+            raise ValueError(
+                "extra_crossings, occlusion_frames and camera_motion must be >= 0, got "
+                f"{self.extra_crossings}, {self.occlusion_frames}, {self.camera_motion}"
             )
 
 
@@ -103,8 +118,16 @@ class SyntheticVideo:
         self.cfg = cfg
         self.seed = int(seed)
         rng = np.random.default_rng(np.random.SeedSequence([0x5EED, self.seed]))
-        self.background = _background(cfg, rng)
-        self.tracks: List[ObjectTrack] = _plan_tracks(cfg, rng)
+        self.camera = None  # (T, 2) int camera offsets (x, y) in px, or None (static camera)
+        if cfg.camera_motion > 0:
+            self.camera = _camera_path(cfg, rng)
+            m = int(np.abs(self.camera).max()) + 1
+            self.margin = m
+            big = replace(cfg, width=cfg.width + 2 * m, height=cfg.height + 2 * m, camera_motion=0.0)
+            self.background = _background(big, rng)
+        else:
+            self.background = _background(cfg, rng)
+        self.tracks: List[ObjectTrack] = _plan_tracks(cfg, rng, self.camera)
         self._gt: np.ndarray | None = None
 
     # -- rendering -------------------------------------------------------------------------------------------
@@ -127,7 +150,11 @@ class SyntheticVideo:
         """
         cfg = self.cfg
         boxes, alive = self.boxes_at(frame)
-        image = self.background.copy()
+        if self.camera is None:
+            image = self.background.copy()
+        else:
+            ox, oy = (int(v) + self.margin for v in self.camera[frame - 1])
+            image = self.background[oy : oy + cfg.height, ox : ox + cfg.width].copy()
         slot = np.full((cfg.height, cfg.width), -1, dtype=np.int32)
         shapes = np.array([tr.shape for tr in alive], dtype=np.int64)
         colours = np.array([tr.colour for tr in alive], dtype=np.uint8).reshape(-1, 3)
@@ -205,7 +232,57 @@ def _cut_after_exit(c: np.ndarray, w: float, h: float, cfg: SyntheticVideoConfig
     return c
 
 
-def _plan_tracks(cfg: SyntheticVideoConfig, rng: np.random.Generator) -> List[ObjectTrack]:
+def _camera_path(cfg: SyntheticVideoConfig, rng: np.random.Generator) -> np.ndarray:
+    """(T, 2) integer camera offsets: a smooth random walk of the velocity, speed <= camera_motion."""
+    v = rng.normal(size=2)
+    v = v / max(np.linalg.norm(v), 1e-9) * cfg.camera_motion * rng.uniform(0.3, 1.0)
+    pos, out = np.zeros(2), np.zeros((cfg.num_frames, 2))
+    for t in range(1, cfg.num_frames):
+        v = v + rng.normal(0, 0.3 * cfg.camera_motion, size=2)
+        speed = np.linalg.norm(v)
+        if speed > cfg.camera_motion:
+            v = v * cfg.camera_motion / speed
+        pos = pos + v
+        out[t] = pos
+    return np.round(out).astype(np.int64)
+
+
+def _hold_pair(c: np.ndarray, meet: int, frames: int, vy: float) -> np.ndarray:
+    """A look-alike pair's path held at its meeting point for ``frames`` frames (drifting by ``vy``), the rest
+    of the path delayed by as many frames."""
+    if frames <= 0:
+        return c
+    i = meet - 1
+    out = c.copy()
+    out[i : i + frames] = c[i] + np.outer(np.arange(frames), [0.0, vy])
+    out[i + frames :] = c[i : len(c) - frames] + [0.0, vy * frames]
+    return out
+
+
+def _extra_crossing_pair(cfg, rng, first_id, depth):
+    """Two look-alike objects (same shape, colour, size) at one height meeting at a random frame, the far one
+    (``depth + 1``) passing behind the near one."""
+    T, W, H = cfg.num_frames, cfg.width, cfg.height
+    shape = int(rng.integers(0, 3))
+    colour = _colour(rng)
+    s = float(rng.integers(cfg.min_size, cfg.max_size + 1))
+    y = rng.uniform(0.2, 0.8) * H
+    meet = int(rng.integers(max(3, T // 4), max(4, 3 * T // 4)))
+    sp = rng.uniform(1.5, 3.5)
+    x0 = rng.uniform(0.3, 0.7) * W
+    vy = rng.uniform(-0.3, 0.3)
+    pair = []
+    for k, vx in enumerate((sp, -sp)):
+        start = (x0 - vx * (meet - 1), y + (k - 0.5) - vy * (meet - 1))
+        c = _integrate(start, (vx, vy), 1, T, T + 1, 1.0, 0.0)
+        c = _hold_pair(c, meet, cfg.occlusion_frames, vy)
+        pair.append(ObjectTrack(first_id + k, shape, colour, s, s, depth + k, c, "crossing"))
+    return pair
+
+
+def _plan_tracks(
+    cfg: SyntheticVideoConfig, rng: np.random.Generator, camera: np.ndarray | None = None
+) -> List[ObjectTrack]:
     T, W, H = cfg.num_frames, cfg.width, cfg.height
     tracks: List[ObjectTrack] = []
     depths = rng.permutation(cfg.num_objects).astype(np.float64)
@@ -232,6 +309,7 @@ def _plan_tracks(cfg: SyntheticVideoConfig, rng: np.random.Generator) -> List[Ob
         # the speed change comes after the crossing so the crossing itself is guaranteed
         change = int(rng.integers(min(meet + 3, T), T + 1))
         c = _integrate((x, y + (k - 0.5)), (vx, vy), 1, T, change, rng.uniform(0.3, 2.5), 0.0)
+        c = _hold_pair(c, meet, cfg.occlusion_frames, vy)
         tracks.append(ObjectTrack(k + 1, shape, colour, s, s, float(k), c, "crossing"))
     depths = depths + 2  # the pair takes depths 0 (near) and 1 (far)
 
@@ -285,7 +363,12 @@ def _plan_tracks(cfg: SyntheticVideoConfig, rng: np.random.Generator) -> List[Ob
         c = _integrate(pos, (sp * math.cos(ang), sp * math.sin(ang)), start, T, *speed_change(start))
         tracks.append(ObjectTrack(i + 1, int(rng.integers(0, 3)), _colour(rng), w, h, depths[i], c, "random"))
 
+    for j in range(cfg.extra_crossings):
+        tracks += _extra_crossing_pair(cfg, rng, cfg.num_objects + 2 * j + 1, cfg.num_objects + 2.0 + 2 * j)
+
     for tr in tracks:
+        if camera is not None:
+            tr.centres = tr.centres - camera  # the scene moves against the camera
         tr.centres = _cut_after_exit(tr.centres, tr.w, tr.h, cfg)
     return tracks
 
@@ -354,7 +437,7 @@ def generate_dataset(
     """
     splits = {"train": 4, "val": 2} if splits is None else dict(splits)
     root = os.path.abspath(root)
-    recipe = json.dumps({"seed": seed, "splits": splits, "config": asdict(cfg)}, sort_keys=True)
+    recipe = json.dumps({"seed": seed, "splits": splits, "config": _recipe_config(cfg)}, sort_keys=True)
     marker = os.path.join(root, DONE_MARKER)
     if os.path.isfile(marker) and not overwrite:
         _check_recipe(marker, recipe)
@@ -384,6 +467,20 @@ def generate_dataset(
         if os.path.exists(tmp):
             shutil.rmtree(tmp, ignore_errors=True)
     return root
+
+
+_LATER_FIELDS = ("extra_crossings", "occlusion_frames", "camera_motion")
+
+
+def _recipe_config(cfg: SyntheticVideoConfig) -> Dict:
+    """``asdict(cfg)`` without the fields added later while they keep their default (off) values, so a set
+    generated before they existed still matches its recipe (their defaults change nothing in the output)."""
+    defaults = {f.name: f.default for f in fields(SyntheticVideoConfig)}
+    d = asdict(cfg)
+    for k in _LATER_FIELDS:
+        if d[k] == defaults[k]:
+            del d[k]
+    return d
 
 
 def _check_recipe(marker: str, recipe: str) -> None:

@@ -7,7 +7,7 @@ import cv2
 import numpy as np
 import pytest
 
-from ddetr_video import numba_kernels as nk
+from ddetr_video import rasterize as nk
 from ddetr_video.mot_format import load_sequence, read_seqinfo
 from ddetr_video.synthetic_video import (
     PALETTE,
@@ -167,3 +167,94 @@ def test_config_validation():
         SyntheticVideoConfig(num_objects=2)
     with pytest.raises(ValueError, match="min_size"):
         SyntheticVideoConfig(min_size=50, max_size=40)
+
+
+HARD = SyntheticVideoConfig(
+    num_frames=24,
+    width=160,
+    height=120,
+    min_size=12,
+    max_size=28,
+    num_objects=6,
+    extra_crossings=2,
+    occlusion_frames=4,
+)
+
+
+def _longest_run(mask):
+    best = run = 0
+    for m in mask:
+        run = run + 1 if m else 0
+        best = max(best, run)
+    return best
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_hard_variant_adds_lookalike_pairs_with_long_occlusions(seed):
+    video = SyntheticVideo(HARD, seed)
+    pairs = [t for t in video.tracks if t.role == "crossing"]
+    assert len(video.tracks) == 6 + 4 and len(pairs) == 6
+    gt = video.gt()
+    for near, far in zip(pairs[0::2], pairs[1::2]):
+        assert (near.shape, near.colour, near.w) == (far.shape, far.colour, far.w)  # look-alikes
+        assert far.depth > near.depth
+        rows = gt[gt[:, 1] == far.track_id]
+        # where they meet inside the image, the far one stays (almost) hidden for the held frames
+        if len(rows) > 20 and rows[:, 8].min() < 0.05:
+            assert _longest_run(rows[:, 8] < 0.3) >= HARD.occlusion_frames
+    # the scripted pair of the default generator meets mid-video: it is hidden at least 4 frames
+    far = gt[gt[:, 1] == 2]
+    assert _longest_run(far[:, 8] < 0.3) >= 4
+
+
+def test_camera_motion_moves_the_background_by_the_camera_offset():
+    cfg = SyntheticVideoConfig(
+        num_frames=12, width=160, height=120, min_size=12, max_size=28, num_objects=4, camera_motion=3.0
+    )
+    video = SyntheticVideo(cfg, 7)
+    moved = 0
+    for f in range(1, cfg.num_frames):
+        a, la, _ = video.render(f)
+        b, lb, _ = video.render(f + 1)
+        dx, dy = (video.camera[f] - video.camera[f - 1]).tolist()
+        assert max(abs(dx), abs(dy)) <= 3 + 1
+        moved += dx != 0 or dy != 0
+        # background pixel (y, x) of frame f+1 shows what (y + dy, x + dx) showed in frame f
+        H, W = cfg.height, cfg.width
+        ys, xs = np.mgrid[max(0, -dy) : min(H, H - dy), max(0, -dx) : min(W, W - dx)]
+        bg = (lb[ys, xs] == 0) & (la[ys + dy, xs + dx] == 0)
+        assert bg.sum() > 0.5 * H * W
+        assert np.array_equal(b[ys, xs][bg], a[ys + dy, xs + dx][bg])
+    assert moved >= cfg.num_frames // 2
+
+
+def test_default_config_recipe_unchanged_by_the_hard_options():
+    from dataclasses import asdict
+
+    from ddetr_video.synthetic_video import _recipe_config
+
+    d = _recipe_config(SyntheticVideoConfig())
+    assert not {"extra_crossings", "occlusion_frames", "camera_motion"} & set(d)
+    assert d == {k: v for k, v in asdict(SyntheticVideoConfig()).items() if k in d}
+    assert _recipe_config(HARD)["extra_crossings"] == 2
+    with pytest.raises(ValueError, match="camera_motion"):
+        SyntheticVideoConfig(camera_motion=-1.0)
+
+
+def test_tune_and_hard_val_splits_are_registered_apart_from_val(tmp_path):
+    from detectron2.data import DatasetCatalog
+
+    from ddetr_video.datasets import register_synthetic_eval_splits
+
+    names = register_synthetic_eval_splits(str(tmp_path / "syn"), prefix="test_eval", num_tune=1, num_hard=1)
+    try:
+        assert names == {"tune": "test_eval_tune", "hard_val": "test_eval_hard_val"}
+        tune, hard = DatasetCatalog.get(names["tune"]), DatasetCatalog.get(names["hard_val"])
+        assert {d["sequence"] for d in tune} == {"SYN-tune-01"}
+        assert {d["sequence"] for d in hard} == {"SYN-hard_val-01"}
+        assert os.path.isdir(str(tmp_path / "syn_tune")) and os.path.isdir(str(tmp_path / "syn_hard"))
+        per_frame = max(len(d["annotations"]) for d in hard)
+        assert per_frame > max(len(d["annotations"]) for d in tune)
+    finally:
+        for n in names.values():
+            DatasetCatalog.remove(n)

@@ -68,7 +68,16 @@ def test_sample_clip_indices_properties():
 
 
 def test_clip_mapper_consistent_augmentation(tiny_set):
-    cfg = _cfg("DATASETS.TRAIN", f"('{tiny_set}',)", "INPUT.CLIP_LENGTH", "3", "INPUT.CLIP_MAX_INTERVAL", "2")
+    cfg = _cfg(
+        "DATASETS.TRAIN",
+        f"('{tiny_set}',)",
+        "INPUT.CLIP_LENGTHS",
+        "(3,)",
+        "INPUT.CLIP_LENGTH_STEPS",
+        "()",
+        "INPUT.CLIP_MAX_INTERVAL",
+        "2",
+    )
     flip = ClipDatasetMapper(cfg, is_train=True, augmentations=[T.RandomFlip(prob=1.0)])
     frames = flip.sequences[next(iter(flip.sequences))]
     clip = flip(frames[1])["clip"]
@@ -98,8 +107,12 @@ def test_short_training_run_decreases_loss_and_updates_weights(tiny_set):
     cfg = _cfg(
         "DATASETS.TRAIN",
         f"('{tiny_set}',)",
-        "INPUT.CLIP_LENGTH",
-        "3",
+        "INPUT.CLIP_LENGTHS",
+        "(3,)",
+        "INPUT.CLIP_LENGTH_STEPS",
+        "()",
+        "MODEL.TRACKER.TRAIN_TRACK_IOU",
+        "0.0",  # a random model's boxes pass no IoU gate: without this no track (and no QIM) would train
         "MODEL.TRACKER.RANDOM_DROP",
         "0.0",
         "MODEL.TRACKER.FP_RATIO",
@@ -164,6 +177,7 @@ class _StaticDouble:
             "pred_boxes": torch.cat([t_ref, det]),
             "aux_outputs": [],
             "hs": torch.randn(T_ + Q, C),
+            "tgt": torch.randn(T_ + Q, C),
             "query_pos": torch.randn(T_ + Q, C),
             "num_tracks": T_,
         }
@@ -215,3 +229,34 @@ def test_track_state_resets_between_sequences():
             out = model([{"image": img, "height": 64, "width": 96, "sequence": seq, "frame_idx": i}])
             ids.append(out[0]["instances"].track_ids.tolist())
     assert ids == [[1]] * 6
+
+
+def test_track_and_detect_query_groups_give_the_same_outputs_as_one_concatenated_sequence():
+    """frame_forward assembles [track queries] + [detect queries] with ``assemble_query_groups`` (the two
+    groups see each other, as MOTR): bit-identical to the former plain concatenation fed to the decoder
+    without a mask."""
+    torch.manual_seed(0)
+    model = build_model(_cfg())
+    model.eval()
+    T_ = 3
+    C = model.hidden_dim
+    tracks = (torch.randn(T_, C), torch.randn(T_, C), torch.rand(T_, 4) * 0.5 + 0.25)
+    img = (torch.rand(3, 64, 96) * 255).to(torch.uint8)
+    with torch.no_grad():
+        images = model.preprocess_image([{"image": img}])
+        out = model.frame_forward(images, tracks)
+        # the former code path, written out
+        srcs, masks, pos_embeds = model.prepare_features(images)
+        enc = model.transformer.forward_encoder(srcs, masks, pos_embeds)
+        tgt_d, ref_d, pos_d, _, _ = model.transformer.prepare_queries(enc, model.query_embed.weight)
+        ref_d = torch.cat([ref_d, model.detect_ref_wh.sigmoid()[None]], -1)
+        tgt = torch.cat([tracks[0][None], tgt_d], 1)
+        pos = torch.cat([tracks[1][None], pos_d], 1)
+        ref = torch.cat([tracks[2][None], ref_d], 1)
+        hs, init_ref, inter_refs = model.transformer.forward_decoder(tgt, ref, pos, enc)
+        logits, coords = model.predict_from_decoder(hs, init_ref, inter_refs)
+    assert out["num_tracks"] == T_
+    assert torch.equal(out["pred_logits"], logits[-1, 0]) and torch.equal(out["pred_boxes"], coords[-1, 0])
+    assert torch.equal(out["hs"], hs[-1, 0]) and torch.equal(out["query_pos"], pos[0])
+    for layer, (a, b) in zip(out["aux_outputs"], zip(logits[:-1], coords[:-1])):
+        assert torch.equal(layer["pred_logits"], a[0]) and torch.equal(layer["pred_boxes"], b[0])

@@ -1,0 +1,86 @@
+"""tools/demo.py --backend onnxruntime runs an exported model: on the same weights and image it finds
+and draws as many detections as the PyTorch backend; a missing --onnx-model is a one-line error."""
+
+import os
+import subprocess
+import sys
+
+import cv2
+import numpy as np
+import pytest
+import torch
+from detectron2.modeling import build_model
+from model_testing import tiny_cfg
+
+pytest.importorskip("onnxruntime", reason="onnxruntime is a test extra (requirements-test.txt)")
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIG = os.path.join(REPO, "configs", "tiny_test.yaml")
+
+
+def _demo(args):
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    return subprocess.run(
+        [sys.executable, os.path.join(REPO, "tools", "demo.py"), "--config-file", CONFIG] + args,
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=REPO,
+        timeout=600,
+    )
+
+
+@pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning")
+def test_demo_onnxruntime_backend_draws_the_pytorch_detections(tmp_path):
+    from ddetr_d2.export import default_export_size, export_detector
+
+    cfg = tiny_cfg(DETECTIONS_PER_IMAGE=5)  # the exported graph keeps its own top-k
+    torch.manual_seed(0)
+    model = build_model(cfg).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    weights = tmp_path / "model.pth"
+    torch.save({"model": model.state_dict()}, weights)
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 256, size=(120, 160, 3), dtype=np.uint8)
+    cv2.imwrite(str(tmp_path / "in.png"), image)
+    onnx_path = export_detector(
+        model, str(tmp_path / "onnx"), "onnx", "gather", default_export_size(cfg, (120, 160))
+    )
+
+    common = ["--input", str(tmp_path / "in.png"), "--confidence-threshold", "0.0"]
+    opts = ["--opts", "MODEL.DEVICE", "cpu", "MODEL.DEFORMABLE_DETR.DETECTIONS_PER_IMAGE", "5"]
+    res = _demo(
+        common
+        + ["--output", str(tmp_path / "ort.png"), "--backend", "onnxruntime", "--onnx-model", onnx_path]
+        + opts
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+    ort_log = res.stdout + res.stderr
+    res = _demo(common + ["--output", str(tmp_path / "pt.png")] + opts + ["MODEL.WEIGHTS", str(weights)])
+    assert res.returncode == 0, res.stderr[-3000:]
+    ort_img, pt_img = cv2.imread(str(tmp_path / "ort.png")), cv2.imread(str(tmp_path / "pt.png"))
+    assert ort_img.shape == pt_img.shape == image.shape
+    # both draw the 5 detections (the Visualizer's colours are random, so the pixels are not compared;
+    # ONNXPredictor == the PyTorch predictor is tests/test_export_model.py)
+    assert "5 detections" in ort_log and "5 detections" in res.stdout + res.stderr
+    assert np.abs(ort_img.astype(int) - image.astype(int)).mean() > 1.0
+
+
+def test_onnxruntime_backend_needs_a_model_file(tmp_path):
+    cv2.imwrite(str(tmp_path / "in.png"), np.zeros((40, 50, 3), dtype=np.uint8))
+    res = _demo(
+        [
+            "--input",
+            str(tmp_path / "in.png"),
+            "--output",
+            str(tmp_path / "o.png"),
+            "--backend",
+            "onnxruntime",
+            "--opts",
+            "MODEL.DEVICE",
+            "cpu",
+        ]
+    )
+    assert res.returncode == 2 and "--onnx-model" in res.stderr and "Traceback" not in res.stderr

@@ -1,0 +1,158 @@
+"""Export of the whole detector (tiny configs, random weights): the ONNX graph run by onnxruntime gives
+the PyTorch model's detections (classes equal, scores within 1e-4, boxes within 1e-2 px) for each variant,
+both deformable-attention formulations and two input sizes, on fresh images (not the traced one); the
+TorchScript export too; the runtime predictor keeps DefaultPredictor's contract; the command line runs."""
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from detectron2.modeling import build_model
+from model_testing import ROOT, VARIANTS, tiny_cfg
+
+from ddetr_d2.export import export_detector, read_export_meta
+from ddetr_d2.export.exporter import _detect
+
+onnx = pytest.importorskip("onnx", reason="onnx is a test extra (requirements-test.txt)")
+ort = pytest.importorskip("onnxruntime", reason="onnxruntime is a test extra (requirements-test.txt)")
+
+pytestmark = pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning", "ignore::UserWarning")
+
+SIZES = [(64, 96), (96, 64)]
+
+
+@pytest.fixture(scope="module")
+def models():
+    """One tiny model per variant, weights moved off the symmetric init so every sample matters."""
+    out = {}
+    with torch.no_grad():
+        for i, (name, overrides) in enumerate(VARIANTS.items()):
+            torch.manual_seed(i)
+            model = build_model(tiny_cfg(**overrides)).eval()
+            for p in model.parameters():
+                p.add_(0.05 * torch.randn_like(p))
+            out[name] = model
+    return out
+
+
+def assert_same_detections(got, want, score_tol=1e-4, box_tol=1e-2):
+    """
+    ``got`` / ``want``: dicts of arrays pred_boxes (K, 4), scores (K,), pred_classes (K,), query_indices (K,).
+    Detections are matched by (query, class); a pair found in only one list must sit at the score cut-off.
+    """
+
+    def by_key(d):
+        return {
+            (int(q), int(c)): (float(s), np.asarray(b, dtype=np.float64))
+            for q, c, s, b in zip(d["query_indices"], d["pred_classes"], d["scores"], d["pred_boxes"])
+        }
+
+    g, w = by_key(got), by_key(want)
+    assert len(g) == len(got["scores"]) and len(w) == len(want["scores"])
+    cut = min(np.min(got["scores"]), np.min(want["scores"]))
+    for key in set(g) ^ set(w):
+        score = (g.get(key) or w.get(key))[0]
+        assert score - cut <= score_tol, f"detection {key} (score {score}) is only in one output"
+    common = set(g) & set(w)
+    assert len(common) >= len(w) - 2
+    for key in common:
+        assert abs(g[key][0] - w[key][0]) <= score_tol, (key, g[key][0], w[key][0])
+        assert np.abs(g[key][1] - w[key][1]).max() <= box_tol, (key, g[key][1], w[key][1])
+
+
+def torch_detections(model, image):
+    with torch.no_grad():
+        inst = _detect(model, image)
+    return {
+        "pred_boxes": inst.pred_boxes.tensor.numpy(),
+        "scores": inst.scores.numpy(),
+        "pred_classes": inst.pred_classes.numpy(),
+        "query_indices": inst.query_indices.numpy(),
+    }
+
+
+@pytest.mark.parametrize("size", SIZES, ids=lambda s: f"{s[0]}x{s[1]}")
+@pytest.mark.parametrize("msda", ["grid_sample", "gather"])
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_onnx_export_matches_pytorch(models, tmp_path, variant, msda, size):
+    model = models[variant]
+    path = export_detector(model, str(tmp_path), "onnx", msda, input_size=size)
+    meta = read_export_meta(path)
+    assert meta["input_size"] == list(size) and meta["msda"] == msda
+    ops = {node.op_type for node in onnx.load(path).graph.node}
+    assert ("GridSample" in ops) == (msda == "grid_sample"), sorted(ops)
+    session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+    g = torch.Generator().manual_seed(hash((variant, msda, size)) % 1000)
+    image = torch.rand((3, *size), generator=g) * 255  # a fresh image, not the one traced with
+    outputs = dict(zip(meta["output_names"], session.run(None, {"image": image.numpy()})))
+    assert tuple(outputs["image_size"]) == size
+    assert_same_detections(outputs, torch_detections(model, image))
+
+
+def test_torchscript_export_matches_pytorch(models, tmp_path):
+    model = models["two_stage"]
+    path = export_detector(model, str(tmp_path), "torchscript", "gather", input_size=SIZES[0])
+    traced = torch.jit.load(path)
+    names = read_export_meta(path)["output_names"]
+    image = torch.rand((3, *SIZES[0]), generator=torch.Generator().manual_seed(5)) * 255
+    with torch.no_grad():
+        outputs = {k: v.numpy() for k, v in zip(names, traced(image))}
+    assert_same_detections(outputs, torch_detections(model, image))
+
+
+def test_onnx_predictor_keeps_default_predictor_contract(models, tmp_path):
+    """BGR image of another size than the export -> Instances in original coordinates, equal to the
+    PyTorch predictor's (the export size is the predictor's resize of this image)."""
+    from ddetr_d2.demo.predictor import ImagePredictor
+    from ddetr_d2.export.exporter import default_export_size
+    from ddetr_d2.export.onnx_predictor import ONNXPredictor
+
+    cfg = tiny_cfg(**VARIANTS["refine"])
+    model = models["refine"]
+    bgr = np.random.default_rng(0).integers(0, 256, size=(150, 200, 3), dtype=np.uint8)
+    size = default_export_size(cfg, bgr.shape[:2])
+    path = export_detector(model, str(tmp_path), "onnx", "gather", input_size=size)
+    got = ONNXPredictor(cfg, path)(bgr)["instances"]
+    want = ImagePredictor(cfg, model)(bgr)["instances"]
+    assert got.image_size == want.image_size == (150, 200)
+
+    def fields(inst):
+        return {
+            "pred_boxes": inst.pred_boxes.tensor.numpy(),
+            "scores": inst.scores.numpy(),
+            "pred_classes": inst.pred_classes.numpy(),
+            "query_indices": inst.query_indices.numpy(),
+        }
+
+    assert_same_detections(fields(got), fields(want))
+
+
+def test_export_command_line(tmp_path):
+    out = tmp_path / "export"
+    cmd = [
+        sys.executable,
+        os.path.join(ROOT, "tools", "export_model.py"),
+        "--config-file",
+        os.path.join(ROOT, "configs", "tiny_test.yaml"),
+        "--format",
+        "onnx",
+        "--msda",
+        "gather",
+        "--input-size",
+        "64",
+        "96",
+        "--output",
+        str(out),
+        "--opts",
+        "MODEL.DEFORMABLE_DETR.WITH_BOX_REFINE",
+        "True",
+        "MODEL.DEFORMABLE_DETR.TWO_STAGE",
+        "True",
+    ]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    res = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert (out / "model.onnx").is_file() and read_export_meta(str(out))["input_size"] == [64, 96]
