@@ -135,7 +135,8 @@ class InterruptCheckpointer(HookBase):
 def _leave_interrupts_to_the_main_process():
     """In a data-loader worker, ignore SIGTERM / SIGINT. A scheduler (SLURM, Kubernetes) or Ctrl-C signals
     the whole process group; torch's worker handler would die on an outside SIGTERM, and the main
-    process would then crash on its next batch instead of saving a checkpoint (:class:`InterruptCheckpointer`).
+    process would then crash on its next batch instead of saving a checkpoint
+    (:class:`InterruptCheckpointer`).
     The main process ends its workers itself (and they exit when it dies). No-op outside a worker.
     The train sampler is iterated inside each worker (Detectron2's ``ToIterableDataset``), so this runs
     there for the detector's and the tracker's loaders alike."""
