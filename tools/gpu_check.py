@@ -4,11 +4,12 @@ GPU check in one call (``make gpu-check``): on a machine with a CUDA GPU,
 
   1. build ``ddetr_d2._C`` with the CUDA kernel for this GPU (``TORCH_CUDA_ARCH_LIST`` = its capability);
   2. run the CUDA tests (``pytest -m cuda``: kernel vs float64 reference, fp16/bf16, gradients, determinism);
-  3. benchmark the deformable-attention kernel vs the ``grid_sample`` reference, fp32 and fp16
+  3. benchmark the deformable-attention kernel vs the ``grid_sample`` reference, fp32, fp16 and bf16
      (encoder and decoder shapes of an 800x1066 image, forward and forward+backward);
   4. train ``configs/ddetr_r50.yaml`` for 50 iterations with AMP on the synthetic shapes data,
      ``--num-gpus 1``, random weights;
-  5. time fp16 end-to-end inference of the R-50 model at 800x1066 (median of 10 after 3 warm-ups);
+  5. time fp32, fp16 and bf16 (autocast) end-to-end inference of the R-50 model at 800x1066
+     (median of 10 after 3 warm-ups);
 
 and write one summary, ``summary.json`` + ``summary.md``, into ``--output``. Every step reports ``ok``,
 ``failed`` (with the tail of its log) or ``skipped`` (with the reason: no CUDA device, ``--dry-run``, ...).
@@ -94,7 +95,58 @@ def step_build(args):
     )
     if out.stdout.strip() != "True":
         raise RuntimeError(f"built ddetr_d2._C has no CUDA kernel: {out.stdout} {out.stderr[-1000:]}")
+    check_error_path()
     return {"arch": f"sm_{major}{minor}", "device": torch.cuda.get_device_name()}
+
+
+ERROR_PATH_PROBE = """
+import torch, ddetr_d2._C as c
+v = torch.zeros(1, 4, 1, 4, device="cuda")
+shapes = torch.tensor([[2, 2]], device="cuda")
+start = torch.zeros(1, dtype=torch.long, device="cuda")
+loc, attn = torch.zeros(1, 1, 1, 1, 1, 2, device="cuda"), torch.ones(1, 1, 1, 1, 1, device="cuda")
+try:
+    c.ms_deform_attn_backward(v, shapes, start, loc, attn, torch.zeros(1, 2, 7, device="cuda"), 64)
+except RuntimeError as e:
+    print("raised", "grad_output" in str(e))
+"""
+
+
+def check_error_path():
+    """The built kernel must raise a readable RuntimeError on bad input. Seen on one GPU image: its
+    compiler wrapper (``CC``/``CXX`` = /opt/gcc/...) linked libstdc++ statically into the extension,
+    and every error message with a number in it crashed the process (SIGSEGV in ``ostream``)."""
+    res = subprocess.run(
+        [sys.executable, "-c", ERROR_PATH_PROBE], cwd=REPO, capture_output=True, text=True, timeout=120
+    )
+    if res.returncode != 0 or res.stdout.strip() != "raised True":
+        raise RuntimeError(
+            f"ddetr_d2._C crashed or did not raise on a bad input (exit code {res.returncode}, "
+            f"output {res.stdout.strip()!r}). If `nm -DC ddetr_d2/_C*.so | grep ' T std::'` lists symbols, "
+            "the compiler linked libstdc++ statically: rebuild with the system compiler, e.g. "
+            "CC=/usr/bin/gcc CXX=/usr/bin/g++ (docs/cuda.md, 'GPU check').\n" + res.stderr[-1500:]
+        )
+
+
+def cuda_test_files():
+    """The test files that hold ``@pytest.mark.cuda`` tests (only those are collected: faster, and the
+    rest of the suite's imports, e.g. onnxruntime or Hugging Face, need not exist on a GPU machine)."""
+    files = []
+    for folder in ("tests", os.path.join("video", "tests")):
+        for name in sorted(os.listdir(os.path.join(REPO, folder))):
+            path = os.path.join(folder, name)
+            if name.startswith("test_") and name.endswith(".py"):
+                with open(os.path.join(REPO, path)) as f:
+                    if "mark.cuda" in f.read():
+                        files.append(path)
+    return files
+
+
+def need_detectron2():
+    try:
+        import detectron2  # noqa: F401
+    except ImportError as e:
+        raise Skip(f"detectron2 is not importable ({e}): the detector steps need it") from None
 
 
 def step_cuda_tests(args):
@@ -107,9 +159,7 @@ def step_cuda_tests(args):
         "cuda",
         "-p",
         "no:cacheprovider",
-        "tests",
-        "video/tests",
-    ]
+    ] + cuda_test_files()
     if args.dry_run:
         raise Skip("--dry-run")
     if not torch.cuda.is_available():
@@ -156,7 +206,7 @@ def step_kernel_benchmark(args):
 
     cuda = torch.cuda.is_available() and not args.dry_run
     device = "cuda" if cuda else "cpu"
-    dtypes = (torch.float32, torch.float16) if cuda else (torch.float32,)
+    dtypes = (torch.float32, torch.float16, torch.bfloat16) if cuda else (torch.float32,)
     kinds = ("encoder", "decoder") if cuda else ("decoder",)
     repeats = 20 if cuda else 1
     rows = []
@@ -201,6 +251,7 @@ def step_kernel_benchmark(args):
 
 def step_amp_training(args):
     need_cuda(args)
+    need_detectron2()
     out_dir = os.path.join(args.output, "amp_train")
     opts = [
         "DATASETS.TRAIN",
@@ -253,6 +304,7 @@ def step_amp_training(args):
 
 def step_fp16_inference(args):
     need_cuda(args)
+    need_detectron2()
     from detectron2.modeling import build_model
 
     from ddetr_d2.config import build_cfg
@@ -263,7 +315,7 @@ def step_fp16_inference(args):
     model = build_model(cfg).eval()
     image = torch.rand(3, 800, 1066, device="cuda") * 255
     results = {}
-    for name, dtype in (("fp32", None), ("fp16", torch.float16)):
+    for name, dtype in (("fp32", None), ("fp16", torch.float16), ("bf16", torch.bfloat16)):
 
         def call(dtype=dtype):
             with (
@@ -283,13 +335,13 @@ def step_fp16_inference(args):
 STEPS = [
     ("build", "build ddetr_d2._C for this GPU", step_build),
     ("cuda_tests", "CUDA tests (pytest -m cuda)", step_cuda_tests),
-    ("kernel_benchmark", "MSDA kernel vs grid_sample, fp32 + fp16", step_kernel_benchmark),
+    ("kernel_benchmark", "MSDA kernel vs grid_sample, fp32 + fp16 + bf16", step_kernel_benchmark),
     (
         "amp_training",
         "50-iteration AMP training, configs/ddetr_r50.yaml, synthetic data, 1 GPU",
         step_amp_training,
     ),
-    ("fp16_inference", "fp16 end-to-end inference, R-50, 800x1066", step_fp16_inference),
+    ("fp16_inference", "fp32 / fp16 / bf16 end-to-end inference, R-50, 800x1066", step_fp16_inference),
 ]
 
 
@@ -368,8 +420,8 @@ def main():
             flush=True,
         )
         summary["steps"].append(entry)
-    summary["seconds"] = time.time() - start
-    write_summary(summary, args.output)
+        summary["seconds"] = time.time() - start
+        write_summary(summary, args.output)  # after every step: a run stopped early keeps what it measured
     print(f"summary: {os.path.join(args.output, 'summary.md')} and summary.json")
     return 1 if failed else 0
 
