@@ -4,7 +4,7 @@ import os
 import pytest
 
 os.environ.setdefault("MPLBACKEND", "Agg")
-# as `import ddetr_d2` does, before any test module imports torch (libgomp reads it once, at load):
+# as `import ddetr_d2` does on a busy CPU (tests run beside others), before any test imports torch:
 # idle OpenMP threads sleep instead of spinning on a core that a parallel test process needs
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 

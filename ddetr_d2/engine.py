@@ -385,9 +385,11 @@ def train_or_evaluate(cfg, args, trainer_cls):
     """
     from detectron2.evaluation import verify_results
 
+    from ._threads import policy_line
     from .data.validation import check_datasets
     from .evaluation import check_evaluators
 
+    logging.getLogger("ddetr_d2").info(policy_line())
     check_datasets(cfg, eval_only=args.eval_only)
     check_evaluators(cfg)
     if args.eval_only:

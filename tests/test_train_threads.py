@@ -1,4 +1,5 @@
-"""`import ddetr_d2` sets OMP_WAIT_POLICY=PASSIVE (unless set) before torch loads; scripts import it first."""
+"""`import ddetr_d2` chooses the OpenMP wait policy (auto: PASSIVE on a busy CPU, a short spin on an idle
+one; a user's choice wins) before torch loads; scripts import it first."""
 
 import ast
 import os
@@ -7,24 +8,128 @@ import sys
 
 import pytest
 
+from ddetr_d2 import _threads as T
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CHOICE_VARS = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "DDETR_THREAD_POLICY")
+PASSIVE = {"OMP_WAIT_POLICY": "PASSIVE"}
+
+
+def short_spin():
+    return {"GOMP_SPINCOUNT": str(T.SHORT_SPINCOUNT)}
+
+
+def never_probe():
+    raise AssertionError("the probe must not run")
+
+
+def decide(env, busy=None, probe=None):
+    return T.decide_thread_policy(env, probe or (lambda: busy), cores=2)
+
+
+# --- the decision, with injected readings ---
+
+
+def test_idle_cpu_gives_a_short_spin_and_a_busy_one_passive():
+    idle = decide({}, busy=T.BUSY_CORES_THRESHOLD / 2)
+    assert (idle.mode, idle.origin, idle.env) == ("short-spin", "probe", short_spin())
+    for busy in (T.BUSY_CORES_THRESHOLD, 1.7):
+        p = decide({}, busy=busy)
+        assert (p.mode, p.origin, p.env, p.busy_cores) == ("passive", "probe", PASSIVE, busy)
+
+
+def test_no_proc_gives_passive():
+    p = decide({}, busy=None)
+    assert (p.mode, p.origin, p.env) == ("passive", "no-proc", PASSIVE)
+
+
+@pytest.mark.parametrize(
+    "given", [{"OMP_WAIT_POLICY": "ACTIVE"}, {"OMP_WAIT_POLICY": ""}, {"GOMP_SPINCOUNT": "300"}, PASSIVE]
+)
+def test_a_user_setting_wins_without_a_probe(given):
+    env = dict(given, PATH="/bin")
+    p = decide(env, probe=never_probe)
+    assert (p.mode, p.origin, p.env) == ("user", "user", given)
+    assert T.apply_thread_policy(env, probe=never_probe) == p and env == dict(given, PATH="/bin")
+
+
+@pytest.mark.parametrize("mode", ["passive", "short-spin", "Short-Spin "])
+def test_forced_choice_without_a_probe(mode):
+    env = {"DDETR_THREAD_POLICY": mode}
+    p = T.apply_thread_policy(env, probe=never_probe)
+    want = PASSIVE if mode == "passive" else short_spin()
+    assert (p.mode, p.origin, p.env) == (mode.strip().lower(), "forced", want)
+    assert env == dict(want, DDETR_THREAD_POLICY=mode)
+    assert decide(env, probe=never_probe) == p  # a child process sees the same forced choice
+
+
+@pytest.mark.parametrize("busy", [0.0, 1.5])
+def test_child_inherits_the_parents_auto_choice(busy):
+    parent = {"PATH": "/bin"}
+    p = T.apply_thread_policy(parent, probe=lambda: busy)
+    assert parent["DDETR_THREAD_POLICY"] == f"auto:{p.mode}" and p.origin == "probe"
+    child = T.apply_thread_policy(dict(parent), probe=never_probe)
+    assert (child.mode, child.origin, child.env) == (p.mode, "inherited", p.env)  # not 'user'
+
+
+def test_auto_request_and_stripped_inherited_choice_probe_again():
+    assert decide({"DDETR_THREAD_POLICY": "auto"}, busy=2.0).origin == "probe"
+    # the OpenMP variable was removed (e.g. by a benchmark's clean environment): decide afresh
+    assert decide({"DDETR_THREAD_POLICY": "auto:passive"}, busy=0.0).mode == "short-spin"
+    # a user's OpenMP setting that differs from the inherited choice is the user's
+    assert decide({"DDETR_THREAD_POLICY": "auto:passive", "OMP_WAIT_POLICY": "ACTIVE"}).mode == "user"
+
+
+def test_unknown_request_warns_and_probes(caplog):
+    env = {"DDETR_THREAD_POLICY": "fast"}
+    assert T.apply_thread_policy(env, probe=lambda: 0.0).mode == "short-spin"
+    assert "DDETR_THREAD_POLICY='fast'" in caplog.text
+
+
+def test_busy_cores_are_other_processes_time_over_the_window():
+    # readings: (non-idle jiffies of the CPUs, own utime+stime jiffies)
+    hz = os.sysconf("SC_CLK_TCK")
+    readings = iter([(1000, 50), (1000 + hz, 50 + hz // 4)])  # 1 core-second busy, 1/4 of it ours
+    clock = iter([10.0, 12.0])
+    busy = T.measure_busy_cores(lambda: next(readings), sleep=lambda s: None, clock=lambda: next(clock))
+    assert busy == pytest.approx((hz - hz // 4) / hz / 2.0)
+    assert T.measure_busy_cores(lambda: None, sleep=never_probe) is None
+
+
+def test_proc_readings_parse_on_linux():
+    r = T.read_cpu_times()
+    if r is None:
+        pytest.skip("no /proc here")
+    assert r[0] >= r[1] >= 0
+    per_cpu = T.read_cpu_times(T.usable_cores()[:1])
+    assert per_cpu is not None and per_cpu[0] <= T.read_cpu_times()[0]
+
+
+def test_policy_line_names_mode_and_origin():
+    line = T.policy_line(decide({}, busy=0.1))
+    assert "short-spin" in line and "GOMP_SPINCOUNT" in line and "0.10 cores busy elsewhere" in line
+    assert "user" in T.policy_line(decide({"OMP_WAIT_POLICY": "ACTIVE"}))
+
+
+# --- in fresh interpreters ---
 
 
 def _python(code, stop_at, **env_changes):
-    """Run ``code`` in a fresh interpreter (without OMP_WAIT_POLICY unless given) that prints the
-    policy and exits as soon as module ``stop_at`` is first imported (keeps the test fast)."""
+    """Run ``code`` in a fresh interpreter (without the OpenMP / policy variables unless given) that
+    prints them and exits as soon as module ``stop_at`` is first imported (keeps the test fast)."""
     spy = (
         "import builtins, os, sys\n"
         "real = builtins.__import__\n"
         "def spy(name, *a, **k):\n"
         f"    if name == {stop_at!r} and name not in sys.modules:\n"
-        f"        print('policy at {stop_at} import:', os.environ.get('OMP_WAIT_POLICY'), flush=True)\n"
+        f"        seen = [os.environ.get(v) for v in {CHOICE_VARS!r}]\n"
+        f"        print('policy at {stop_at} import:', *seen, flush=True)\n"
         "        sys.stderr.flush()\n"
         "        os._exit(0)\n"
         "    return real(name, *a, **k)\n"
         "builtins.__import__ = spy\n"
     )
-    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    env = {k: v for k, v in os.environ.items() if k not in CHOICE_VARS}
     env.update(env_changes)
     p = subprocess.run(
         [sys.executable, "-c", spy + code], capture_output=True, text=True, env=env, timeout=300
@@ -34,11 +139,21 @@ def _python(code, stop_at, **env_changes):
 
 
 def test_policy_is_set_before_torch_and_a_user_choice_wins():
-    # ddetr_d2's first statement runs before it imports torch (libgomp reads the variable once, at load)
-    assert "policy at torch import: PASSIVE" in _python("import ddetr_d2", "torch").stdout
+    # ddetr_d2's first statement runs before it imports torch (libgomp reads the variables once, at load)
+    out = _python("import ddetr_d2", "torch").stdout
+    assert out.strip() in (
+        "policy at torch import: PASSIVE None auto:passive",
+        f"policy at torch import: None {T.SHORT_SPINCOUNT} auto:short-spin",
+    ), out
     assert (
-        "policy at torch import: ACTIVE"
+        "policy at torch import: ACTIVE None None"
         in _python("import ddetr_d2", "torch", OMP_WAIT_POLICY="ACTIVE").stdout
+    )
+    spin = _python("import ddetr_d2", "torch", GOMP_SPINCOUNT="500").stdout
+    assert "policy at torch import: None 500 None" in spin
+    assert (
+        "policy at torch import: PASSIVE None passive"
+        in _python("import ddetr_d2", "torch", DDETR_THREAD_POLICY="passive").stdout
     )
 
 

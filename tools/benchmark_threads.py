@@ -14,8 +14,13 @@ policy, like any other user's process). Variants of the training process's envir
 * ``unset``: ``OMP_WAIT_POLICY=""`` -- libgomp ignores the empty value (it prints one "Invalid
   value" line) and uses its default, i.e. what ddetr-d2 did before it set the policy;
 * ``ACTIVE``: ``OMP_WAIT_POLICY=ACTIVE`` (idle threads always spin);
-* ``PASSIVE``: what ``import ddetr_d2`` sets now (idle threads sleep);
-* ``threads1``: ``OMP_NUM_THREADS=1`` (no OpenMP worker threads at all).
+* ``PASSIVE``: ``OMP_WAIT_POLICY=PASSIVE`` (idle threads sleep at once);
+* ``threads1``: ``OMP_NUM_THREADS=1`` (no OpenMP worker threads at all);
+* ``spin3k`` / ``spin10k`` / ``spin30k``: ``GOMP_SPINCOUNT=3000`` / ``10000`` / ``30000`` with the policy
+  left to libgomp (idle threads spin that many times, then sleep);
+* ``auto``: no OpenMP variable at all: ``import ddetr_d2`` probes the load at start-up and chooses
+  (PASSIVE or ``GOMP_SPINCOUNT=SHORT_SPINCOUNT``; docs/training.md, "Thread policy"); the choice is
+  printed when the training log names it.
 
 The synthetic dataset is generated first (not timed). Prints a markdown table.
 """
@@ -39,20 +44,25 @@ COMPETITORS = {
     "matmul": "import torch\ntorch.set_num_threads(2)\na = torch.randn(1024, 1024)\nwhile True:\n    a @ a\n",
     "busy": "while True:\n    pass\n",
 }
+COMPETITOR_HEAD_START = 3.0  # seconds (the matmul competitor imports torch first)
 VARIANTS = {
     "unset": {"OMP_WAIT_POLICY": ""},
     "ACTIVE": {"OMP_WAIT_POLICY": "ACTIVE"},
     "PASSIVE": {"OMP_WAIT_POLICY": "PASSIVE"},
     "threads1": {"OMP_WAIT_POLICY": "PASSIVE", "OMP_NUM_THREADS": "1"},
+    "spin3k": {"GOMP_SPINCOUNT": "3000"},
+    "spin10k": {"GOMP_SPINCOUNT": "10000"},
+    "spin30k": {"GOMP_SPINCOUNT": "30000"},
+    "auto": {},
 }
+# variables that set the OpenMP behaviour (or ddetr_d2's choice of it): removed from every case's env
+OMP_ENV = (
+    "OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "OMP_NUM_THREADS", "MKL_NUM_THREADS", "DDETR_THREAD_POLICY",
+)  # fmt: skip
 
 
 def _env(extra):
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        if k not in ("OMP_WAIT_POLICY", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
-    }
+    env = {k: v for k, v in os.environ.items() if k not in OMP_ENV}
     env.update(extra)
     return env
 
@@ -77,6 +87,8 @@ def run_case(config, iters, scenario, variant, work):
     if COMPETITORS[scenario]:
         competitor = subprocess.Popen([sys.executable, "-c", COMPETITORS[scenario]], env=_env({}))
     try:
+        if competitor is not None:  # running before training starts (and `auto` probes), like a user's job
+            time.sleep(COMPETITOR_HEAD_START)
         cmd = [
             sys.executable, os.path.join(REPO, "tools", "train_net.py"), "--config-file", config,
             "SOLVER.MAX_ITER", str(iters), "DATASETS.TEST", "()", "OUTPUT_DIR", out,
@@ -90,6 +102,9 @@ def run_case(config, iters, scenario, variant, work):
             competitor.wait()
     if p.returncode != 0:
         raise RuntimeError(f"{scenario}/{variant} failed:\n{p.stderr[-3000:]}")
+    policy = [ln for ln in (p.stdout + p.stderr).splitlines() if "OpenMP thread policy:" in ln]
+    if policy:
+        print(f"{scenario:7s} {variant:9s} {policy[0].split('OpenMP thread policy:')[1].strip()}", flush=True)
     return window_times(os.path.join(out, "metrics.json")), wall
 
 
