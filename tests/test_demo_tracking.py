@@ -1,6 +1,8 @@
 """The tracking demo (``tools/demo.py --track`` = ``video/demo.py``, code in ``ddetr_video.demo``) on the tiny
 random-weight tracker of video/configs (CPU, headless): end to end, weight errors, per-id colours."""
 
+import contextlib
+import io
 import os
 import subprocess
 import sys
@@ -16,6 +18,7 @@ from detectron2.structures import Boxes, Instances
 from ddetr_d2.config import build_cfg
 from ddetr_video.config import add_tracker_config
 from ddetr_video.demo import draw_tracks, track_colour, track_video
+from ddetr_video.demo import main as tracking_main
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRACKER_CONFIG = os.path.join(REPO, "video", "configs", "synthetic_tiny.yaml")
@@ -75,10 +78,12 @@ VIDEO_DEMO = ("video", "demo.py")  # the add-on's own entry point
 
 def test_track_cli_end_to_end_and_weight_errors(tmp_path):
     """
-    Five runs at once (subprocesses): detector weights into the tracker config and tracker weights into the
-    detector config stop with exit code 2 and one line naming the keys; so do missing and truncated weights;
-    none creates its output folder. With --allow-mismatch the run goes through and writes the annotated video
-    (same frame count and size as the input) and the MOT results.
+    Detector weights into the tracker config and tracker weights into the detector config stop with exit code
+    2 and one line naming the keys; so do missing and truncated weights; none creates its output folder. With
+    --allow-mismatch the run goes through and writes the annotated video (same frame count and size as the
+    input) and the MOT results. Two runs are subprocesses of the two entry points (tools/demo.py --track,
+    video/demo.py: each a ``sys.exit(main(...))`` wrapper around ``ddetr_video.demo.main``); the other errors
+    call that ``main`` in this process (no interpreter start-up each).
     """
     rng = np.random.default_rng()
     frames = _moving_square(5, rng)
@@ -93,10 +98,7 @@ def test_track_cli_end_to_end_and_weight_errors(tmp_path):
     truncated.write_bytes(data[: len(data) // 2])
 
     track = ("--track",)
-    runs = {
-        "detector_into_tracker": _demo_cmd(TOOLS_DEMO, video, tmp_path / "a", detector_weights, flags=track),
-        "tracker_into_detector": _demo_cmd(VIDEO_DEMO, video, tmp_path / "b", tracker_weights, *AS_DETECTOR),
-        "missing": _demo_cmd(TOOLS_DEMO, video, tmp_path / "c", tmp_path / "nope.pth", flags=track),
+    subprocess_runs = {
         "truncated": _demo_cmd(VIDEO_DEMO, video, tmp_path / "d", truncated),
         "allow_mismatch": _demo_cmd(
             TOOLS_DEMO,
@@ -110,9 +112,23 @@ def test_track_cli_end_to_end_and_weight_errors(tmp_path):
     }
     procs = {
         name: subprocess.Popen(cmd, stdout=PIPE, stderr=PIPE, text=True, env=ENV, cwd=tmp_path)
-        for name, cmd in runs.items()
+        for name, cmd in subprocess_runs.items()
     }
-    out = {name: p.communicate(timeout=300) + (p.returncode,) for name, p in procs.items()}
+    # the argv after the script name; tools/demo.py passes "--track" on to ddetr_video.demo.main as well
+    in_process = {
+        "detector_into_tracker": _demo_cmd(TOOLS_DEMO, video, tmp_path / "a", detector_weights, flags=track),
+        "tracker_into_detector": _demo_cmd(VIDEO_DEMO, video, tmp_path / "b", tracker_weights, *AS_DETECTOR),
+        "missing": _demo_cmd(TOOLS_DEMO, video, tmp_path / "c", tmp_path / "nope.pth", flags=track),
+    }
+    out = {}
+    try:
+        for name, cmd in in_process.items():
+            # stderr only: detectron2's loggers keep the stdout they first see (not a per-test capture)
+            with contextlib.redirect_stderr(io.StringIO()) as err:
+                code = tracking_main(cmd[2:])
+            out[name] = ("", err.getvalue(), code)
+    finally:
+        out.update({name: p.communicate(timeout=300) + (p.returncode,) for name, p in procs.items()})
 
     expected_errors = {
         "detector_into_tracker": ["missing in checkpoint", "qim.", "detect_ref_wh", "--allow-mismatch"],

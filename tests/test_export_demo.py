@@ -1,5 +1,6 @@
-"""tools/demo.py --backend onnxruntime runs an exported model: on the same weights and image it finds
-and draws as many detections as the PyTorch backend; a missing --onnx-model is a one-line error."""
+"""tools/export_model.py exports a model from its weights file, and tools/demo.py --backend onnxruntime
+runs that export: on the same weights and image it finds and draws as many detections as the PyTorch
+backend; a missing --onnx-model is a one-line error."""
 
 import os
 import subprocess
@@ -18,10 +19,10 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = os.path.join(REPO, "configs", "tiny_test.yaml")
 
 
-def _demo(args):
+def _demo(args, tool="demo"):
     env = dict(os.environ, OMP_NUM_THREADS="1")
     return subprocess.run(
-        [sys.executable, os.path.join(REPO, "tools", "demo.py"), "--config-file", CONFIG] + args,
+        [sys.executable, os.path.join(REPO, "tools", f"{tool}.py"), "--config-file", CONFIG] + args,
         capture_output=True,
         text=True,
         env=env,
@@ -30,11 +31,11 @@ def _demo(args):
     )
 
 
-@pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning")
-def test_demo_onnxruntime_backend_draws_the_pytorch_detections(tmp_path):
-    from ddetr_d2.export import default_export_size, export_detector
+def test_export_command_line_and_onnxruntime_demo_draw_the_pytorch_detections(tmp_path):
+    from ddetr_d2.export import default_export_size, read_export_meta
 
-    cfg = tiny_cfg(DETECTIONS_PER_IMAGE=5)  # the exported graph keeps its own top-k
+    two_stage = ["MODEL.DEFORMABLE_DETR.WITH_BOX_REFINE", "True", "MODEL.DEFORMABLE_DETR.TWO_STAGE", "True"]
+    cfg = tiny_cfg(DETECTIONS_PER_IMAGE=5, WITH_BOX_REFINE=True, TWO_STAGE=True)
     torch.manual_seed(0)
     model = build_model(cfg).eval()
     with torch.no_grad():
@@ -45,12 +46,18 @@ def test_demo_onnxruntime_backend_draws_the_pytorch_detections(tmp_path):
     rng = np.random.default_rng(0)
     image = rng.integers(0, 256, size=(120, 160, 3), dtype=np.uint8)
     cv2.imwrite(str(tmp_path / "in.png"), image)
-    onnx_path = export_detector(
-        model, str(tmp_path / "onnx"), "onnx", "gather", default_export_size(cfg, (120, 160))
-    )
+    size = default_export_size(cfg, (120, 160))
+    # the exported graph keeps its own top-k: DETECTIONS_PER_IMAGE 5 at export and in both demo runs
+    opts = ["--opts", "MODEL.DEVICE", "cpu", "MODEL.DEFORMABLE_DETR.DETECTIONS_PER_IMAGE", "5", *two_stage]
+    out = tmp_path / "onnx"
+    export = ["--format", "onnx", "--msda", "gather", "--input-size", *map(str, size), "--output", str(out)]
+    res = _demo(export + opts + ["MODEL.WEIGHTS", str(weights)], tool="export_model")
+    assert res.returncode == 0, res.stderr[-3000:]
+    onnx_path = str(out / "model.onnx")
+    meta = read_export_meta(onnx_path)
+    assert os.path.isfile(onnx_path) and meta["input_size"] == list(size) and meta["msda"] == "gather"
 
     common = ["--input", str(tmp_path / "in.png"), "--confidence-threshold", "0.0"]
-    opts = ["--opts", "MODEL.DEVICE", "cpu", "MODEL.DEFORMABLE_DETR.DETECTIONS_PER_IMAGE", "5"]
     res = _demo(
         common
         + ["--output", str(tmp_path / "ort.png"), "--backend", "onnxruntime", "--onnx-model", onnx_path]

@@ -1,17 +1,14 @@
 """Export of the whole detector (tiny configs, random weights): the ONNX graph run by onnxruntime gives
 the PyTorch model's detections (classes equal, scores within 1e-4, boxes within 1e-2 px) for each variant,
 both deformable-attention formulations and two input sizes, on fresh images (not the traced one); the
-TorchScript export too; the runtime predictor keeps DefaultPredictor's contract; the command line runs."""
-
-import os
-import subprocess
-import sys
+TorchScript export too; the runtime predictor keeps DefaultPredictor's contract (on one of those exports).
+The command line (tools/export_model.py) is run by tests/test_export_demo.py, whose demo runs its export."""
 
 import numpy as np
 import pytest
 import torch
 from detectron2.modeling import build_model
-from model_testing import ROOT, VARIANTS, tiny_cfg
+from model_testing import VARIANTS, tiny_cfg
 
 from ddetr_d2.export import export_detector, read_export_meta
 from ddetr_d2.export.exporter import _detect
@@ -36,6 +33,22 @@ def models():
                 p.add_(0.05 * torch.randn_like(p))
             out[name] = model
     return out
+
+
+@pytest.fixture(scope="module")
+def onnx_export(models, tmp_path_factory):
+    """``onnx_export(variant, msda, size)``: path of the ONNX export of ``models[variant]``, made once per
+    module (the predictor test reuses one of the exports the round-trip test checks)."""
+    root, paths = tmp_path_factory.mktemp("exports"), {}
+
+    def get(variant, msda, size):
+        key = (variant, msda, tuple(size))
+        if key not in paths:
+            folder = root / f"{variant}-{msda}-{size[0]}x{size[1]}"
+            paths[key] = export_detector(models[variant], str(folder), "onnx", msda, input_size=size)
+        return paths[key]
+
+    return get
 
 
 def assert_same_detections(got, want, score_tol=1e-4, box_tol=1e-2):
@@ -77,9 +90,9 @@ def torch_detections(model, image):
 @pytest.mark.parametrize("size", SIZES, ids=lambda s: f"{s[0]}x{s[1]}")
 @pytest.mark.parametrize("msda", ["grid_sample", "gather"])
 @pytest.mark.parametrize("variant", list(VARIANTS))
-def test_onnx_export_matches_pytorch(models, tmp_path, variant, msda, size):
+def test_onnx_export_matches_pytorch(models, onnx_export, variant, msda, size):
     model = models[variant]
-    path = export_detector(model, str(tmp_path), "onnx", msda, input_size=size)
+    path = onnx_export(variant, msda, size)
     meta = read_export_meta(path)
     assert meta["input_size"] == list(size) and meta["msda"] == msda
     ops = {node.op_type for node in onnx.load(path).graph.node}
@@ -103,7 +116,7 @@ def test_torchscript_export_matches_pytorch(models, tmp_path):
     assert_same_detections(outputs, torch_detections(model, image))
 
 
-def test_onnx_predictor_keeps_default_predictor_contract(models, tmp_path):
+def test_onnx_predictor_keeps_default_predictor_contract(models, onnx_export):
     """BGR image of another size than the export -> Instances in original coordinates, equal to the
     PyTorch predictor's (the export size is the predictor's resize of this image)."""
     from ddetr_d2.demo.predictor import ImagePredictor
@@ -111,13 +124,16 @@ def test_onnx_predictor_keeps_default_predictor_contract(models, tmp_path):
     from ddetr_d2.export.onnx_predictor import ONNXPredictor
 
     cfg = tiny_cfg(**VARIANTS["refine"])
+    # the test-time resize takes this 120x180 image to 64x96, a size the round-trip test exports
+    cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MAX_SIZE_TEST = SIZES[0]
     model = models["refine"]
-    bgr = np.random.default_rng(0).integers(0, 256, size=(150, 200, 3), dtype=np.uint8)
+    bgr = np.random.default_rng(0).integers(0, 256, size=(120, 180, 3), dtype=np.uint8)
     size = default_export_size(cfg, bgr.shape[:2])
-    path = export_detector(model, str(tmp_path), "onnx", "gather", input_size=size)
+    assert size == SIZES[0]
+    path = onnx_export("refine", "gather", size)
     got = ONNXPredictor(cfg, path)(bgr)["instances"]
     want = ImagePredictor(cfg, model)(bgr)["instances"]
-    assert got.image_size == want.image_size == (150, 200)
+    assert got.image_size == want.image_size == (120, 180)
 
     def fields(inst):
         return {
@@ -128,31 +144,3 @@ def test_onnx_predictor_keeps_default_predictor_contract(models, tmp_path):
         }
 
     assert_same_detections(fields(got), fields(want))
-
-
-def test_export_command_line(tmp_path):
-    out = tmp_path / "export"
-    cmd = [
-        sys.executable,
-        os.path.join(ROOT, "tools", "export_model.py"),
-        "--config-file",
-        os.path.join(ROOT, "configs", "tiny_test.yaml"),
-        "--format",
-        "onnx",
-        "--msda",
-        "gather",
-        "--input-size",
-        "64",
-        "96",
-        "--output",
-        str(out),
-        "--opts",
-        "MODEL.DEFORMABLE_DETR.WITH_BOX_REFINE",
-        "True",
-        "MODEL.DEFORMABLE_DETR.TWO_STAGE",
-        "True",
-    ]
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    res = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
-    assert res.returncode == 0, res.stderr[-3000:]
-    assert (out / "model.onnx").is_file() and read_export_meta(str(out))["input_size"] == [64, 96]

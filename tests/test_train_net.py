@@ -255,18 +255,9 @@ def test_kill_and_resume(data, tmp_path):
     assert f"starting at index {start * 2} of this process's stream" in p.stdout + p.stderr
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
-def test_signal_saves_checkpoint_and_resume_continues(signum, data, tmp_path):
-    out = tmp_path / "sig"
-    run = _Training(_cmd(data, out, opts=["SOLVER.MAX_ITER", "500"]))
-    try:
-        run.wait_for(r"SIGTERM / SIGINT save a checkpoint")  # the handler is installed
-        run.proc.send_signal(signum)
-        code, text = run.finish()
-    finally:
-        if run.proc.poll() is None:
-            run.proc.kill()
+def _check_interrupted(out, code, text, signum):
+    """The run stopped by ``signum``: exit 128 + signum, one last line naming the checkpoint saved at the
+    current iteration, which ``last_checkpoint`` names; no traceback. Returns the checkpoint."""
     name = signal.Signals(signum).name
     assert code == 128 + signum, text[-3000:]
     m = re.search(rf"interrupted by {name} after iteration (\d+): checkpoint saved to (\S+); "
@@ -276,28 +267,22 @@ def test_signal_saves_checkpoint_and_resume_continues(signum, data, tmp_path):
     it, path = int(m.group(1)), m.group(2)
     assert path == str(out / f"model_{it:07d}.pth")
     assert text.strip().splitlines()[-1] == m.group(0)  # the last line says where the checkpoint is
-    assert "Traceback" not in text
+    assert "Traceback" not in text and "killed by signal" not in text, text[-3000:]
     assert (out / "last_checkpoint").read_text() == f"model_{it:07d}.pth"
     saved = torch.load(path, map_location="cpu")
     assert saved["iteration"] == it
-    if signum == signal.SIGINT:
-        return  # the resume below is the same for both signals
-    total = it + 3
-    p = _run(_cmd(data, out, "--resume", opts=["SOLVER.MAX_ITER", str(total)]))
-    assert f"Starting training from iteration {it + 1}" in p.stdout + p.stderr
-    final = torch.load(out / "model_final.pth", map_location="cpu")
-    optim = final["trainer"]["_trainer"]["optimizer"]
-    assert {int(s["step"]) for s in optim["state"].values()} == {total}
+    return saved
 
 
 @pytest.mark.slow
-def test_sigterm_to_the_process_group_with_loader_workers(data, tmp_path):
-    """SLURM / Kubernetes signal every process of the job, data-loader workers included: the workers
-    must not die of it (torch's worker handler would, and the main process would then crash on a dead
-    worker instead of saving)."""
-    out = tmp_path / "group"
-    cmd = _cmd(data, out, opts=["SOLVER.MAX_ITER", "500", "DATALOADER.NUM_WORKERS", "1"])
-    run = _Training(cmd, start_new_session=True)  # its own process group, signalled as a whole
+def test_signals_save_a_checkpoint_and_resume_continues(data, tmp_path):
+    """SIGTERM to the whole process group (SLURM / Kubernetes signal every process of the job, data-loader
+    workers included: the workers must not die of it, as torch's worker handler would make them), then
+    --resume and SIGINT to the main process as soon as the handler is installed: each run saves a
+    checkpoint at the current iteration and exits 128 + signum; the resumed run continued the optimizer."""
+    out = tmp_path / "sig"
+    opts = ["SOLVER.MAX_ITER", "500", "DATALOADER.NUM_WORKERS", "1"]
+    run = _Training(_cmd(data, out, opts=opts), start_new_session=True)  # its own process group
     try:
         run.wait_for(r"iter: \d+")  # training runs, so the loader worker exists
         os.killpg(run.proc.pid, signal.SIGTERM)
@@ -305,11 +290,22 @@ def test_sigterm_to_the_process_group_with_loader_workers(data, tmp_path):
     finally:
         if run.proc.poll() is None:
             os.killpg(run.proc.pid, signal.SIGKILL)
-    assert code == 128 + signal.SIGTERM, text[-3000:]
-    m = re.search(r"interrupted by SIGTERM after iteration (\d+): checkpoint saved to (\S+);", text)
-    assert m, text[-3000:]
-    assert "Traceback" not in text and "killed by signal" not in text, text[-3000:]
-    assert torch.load(m.group(2), map_location="cpu")["iteration"] == int(m.group(1))
+    it = _check_interrupted(out, code, text, signal.SIGTERM)["iteration"]
+
+    run = _Training(_cmd(data, out, "--resume", opts=opts))
+    try:
+        run.wait_for(r"SIGTERM / SIGINT save a checkpoint")  # the handler is installed
+        run.proc.send_signal(signal.SIGINT)
+        code, text = run.finish()
+    finally:
+        if run.proc.poll() is None:
+            run.proc.kill()
+    assert f"Starting training from iteration {it + 1}" in text
+    saved = _check_interrupted(out, code, text, signal.SIGINT)
+    assert saved["iteration"] > it
+    # the optimizer continued from the SIGTERM checkpoint (one step per iteration since iteration 0)
+    optim = saved["trainer"]["_trainer"]["optimizer"]
+    assert {int(s["step"]) for s in optim["state"].values()} == {saved["iteration"] + 1}
 
 
 @pytest.mark.slow
