@@ -7,6 +7,8 @@ PIP       := $(PY) -m pip --disable-pip-version-check
 CSRC      := $(shell find csrc -type f \( -name '*.cpp' -o -name '*.h' -o -name '*.cu' -o -name '*.cuh' \) 2>/dev/null)
 QS_OUT    ?= output/quickstart
 PYTEST_ARGS ?=
+# test processes (pytest-xdist; whole files per process so module fixtures are built once); 0: one process
+TEST_WORKERS ?= 2
 
 .PHONY: setup setup-test quickstart test bench bench-tracking bench-threads soak lint cuda-check gpu-check clean help
 
@@ -48,7 +50,7 @@ quickstart: setup
 	QS_OUT=$(QS_OUT) PY=$(PY) sh tools/quickstart.sh
 
 test: setup-test
-	$(PY) -m pytest -q $(PYTEST_ARGS)
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 bench: setup
 	$(PY) tools/benchmark_msda.py

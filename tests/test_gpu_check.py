@@ -32,4 +32,4 @@ def test_gpu_check_dry_run_writes_summary(tmp_path):
     assert rows and all(r["kernel_ms"] > 0 and r["grid_sample_ms"] > 0 for r in rows)
     assert "pending" in bench["result"]["note"]
     md = (tmp_path / "summary.md").read_text()
-    assert "| fp16 end-to-end inference, R-50, 800x1066 | skipped |" in md
+    assert "| fp32 / fp16 / bf16 end-to-end inference, R-50, 800x1066 | skipped |" in md

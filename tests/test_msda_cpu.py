@@ -21,8 +21,9 @@ def testing_ext(request, tmp_path_factory):
     the pytest cache (rebuilt only when its sources change)."""
     from torch.utils import cpp_extension
 
-    if request.config.cache is not None:
-        build_dir = str(request.config.cache.mkdir("ddetr_msda_testing_ext"))
+    cache = getattr(request.config, "cache", None)  # None with -p no:cacheprovider
+    if cache is not None:
+        build_dir = str(cache.mkdir("ddetr_msda_testing_ext"))
     else:
         build_dir = str(tmp_path_factory.mktemp("ddetr_msda_testing_ext"))
     csrc = os.path.join(REPO, "csrc")
