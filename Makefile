@@ -20,7 +20,7 @@ help:
 	@echo "make soak        - kill -9 a small training run 10 times, resume, check the continuation"
 	@echo "make lint        - ruff"
 	@echo "make cuda-check  - compile every csrc/**/*.cu with the system nvcc (no GPU needed)"
-	@echo "make gpu-check   - on a CUDA machine: build for its GPU, CUDA tests, kernel bench, AMP train, fp16 inference"
+	@echo "make gpu-check   - on a CUDA machine: build for its GPU, CUDA tests, kernel bench, AMP train, fp32/fp16/bf16 inference"
 
 $(PY):
 	@PY310=$$(sh tools/find_python310.sh) || exit 1; \
