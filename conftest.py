@@ -1,4 +1,5 @@
 """Pytest setup for tests/ and video/tests/: CUDA-marked tests skip, with the reason, without a GPU."""
+
 import os
 
 import pytest
@@ -31,3 +32,24 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+@pytest.fixture(autouse=True)
+def _project_logs_reach_caplog():
+    """Every test starts with the project's loggers enabled and propagating to the root logger (where
+    ``caplog`` listens); their previous state is restored afterwards. Code run in the test process can
+    change them for the rest of the process: Detectron2's ``setup_logger`` (any in-process entry point)
+    sets ``propagate = False``, and a ``logging.config`` call with ``disable_existing_loggers`` disables
+    every logger that exists. pytest-xdist deals files to processes in any order, so no test may depend on
+    which files ran before it in its process."""
+    import logging
+
+    prefixes = ("ddetr_d2", "ddetr_video", "detectron2", "d2", "fvcore")
+    names = [n for n in logging.root.manager.loggerDict if n.split(".")[0] in prefixes] + list(prefixes)
+    loggers = [logging.getLogger(n) for n in dict.fromkeys(names)]
+    saved = [(lg.propagate, lg.disabled) for lg in loggers]
+    for lg in loggers:
+        lg.propagate, lg.disabled = True, False
+    yield
+    for lg, (propagate, disabled) in zip(loggers, saved):
+        lg.propagate, lg.disabled = propagate, disabled
