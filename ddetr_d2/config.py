@@ -111,6 +111,16 @@ def add_deformable_detr_config(cfg):
     # Precision of the eval-mode forward: "float32", or "bfloat16" (dense layers under
     # torch.autocast(bfloat16), deformable sampling and outputs in float32; training is unaffected).
     _C.INFERENCE_DTYPE = "float32"
+    # Eval-mode forward on the CPU: the backbone gets a channels-last (NHWC) batch, so that oneDNN's
+    # convolutions skip layout reorders (R-50 at 800x1066, 2 cores of an AMX Xeon: backbone in bfloat16
+    # 0.98 -> 0.25 s, float32 1.26 -> 0.85 s; no change measured on AVX2). Same values up to rounding;
+    # training, CUDA and export keep NCHW.
+    _C.INFERENCE_CHANNELS_LAST = True
+    # Inference-only models (demo, predictors, export, benchmarks: build_demo_model) fold each backbone
+    # batch norm (FrozenBatchNorm2d, or BatchNorm2d's running statistics) into the convolution it
+    # follows, after loading the weights: one pass over each feature map less, same values up to
+    # rounding. Models built for training or --eval-only are not changed.
+    _C.INFERENCE_FUSE_BATCHNORM = True
 
     # optimizer (used by ddetr_d2/solver.py)
     cfg.SOLVER.OPTIMIZER = "ADAMW"

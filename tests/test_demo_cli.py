@@ -158,17 +158,21 @@ def test_visualize_sampling_grid_per_head_and_level(tmp_path, rng, demo):
 def test_weights_are_loaded_and_mismatches_named(tmp_path, demo):
     from detectron2.modeling import build_model
 
+    # (the demo's own model has its batch norms folded: INFERENCE_FUSE_BATCHNORM; a model built for
+    # training keeps the checkpoint layout)
+    torch.manual_seed(1)
+    source = build_model(demo.cfg)
     good = tmp_path / "good.pth"
-    torch.save({"model": demo.model.state_dict()}, good)
+    torch.save({"model": source.state_dict()}, good)
     fresh = build_model(demo.cfg)  # another random init
     before = fresh.state_dict()
-    assert any(not torch.equal(before[k], v) for k, v in demo.model.state_dict().items())
+    assert any(not torch.equal(before[k], v) for k, v in source.state_dict().items())
     inc = load_weights_checked(fresh, str(good))
     assert not inc.missing_keys and not inc.unexpected_keys and not inc.incorrect_shapes
-    for k, v in demo.model.state_dict().items():
+    for k, v in source.state_dict().items():
         assert torch.equal(fresh.state_dict()[k], v), k
 
-    state = dict(demo.model.state_dict())
+    state = dict(source.state_dict())
     dropped = next(k for k in state if "sampling_offsets.weight" in k)
     reshaped = next(k for k in state if "class_embed" in k and k.endswith("bias"))
     del state[dropped]

@@ -14,6 +14,7 @@ from detectron2.utils.visualizer import ColorMode, Visualizer
 
 from ddetr_d2.checkpoint import load_weights_checked
 from ddetr_d2.errors import ConfigError
+from ddetr_d2.modeling.fuse_batchnorm import fuse_batchnorm
 
 from .io import DemoError
 from .sampling import SamplingRecorder, draw_level_legend, draw_sampling_points
@@ -28,14 +29,20 @@ def build_demo_model(cfg, allow_mismatch=False):
     The model of ``cfg`` in eval mode, with ``cfg.MODEL.WEIGHTS`` loaded by
     :func:`ddetr_d2.checkpoint.load_weights_checked`: weights that are missing, unreadable or do not
     fit the model raise ``WeightsError`` naming the file / keys (``allow_mismatch=True``: a warning).
-    A config whose model cannot be built raises ``ConfigError``.
+    A config whose model cannot be built raises ``ConfigError``. With
+    ``MODEL.DEFORMABLE_DETR.INFERENCE_FUSE_BATCHNORM`` (default) the backbone's batch norms are folded
+    into its convolutions (:func:`ddetr_d2.modeling.fuse_batchnorm.fuse_batchnorm`): the model is for
+    inference only.
     """
     try:
         model = build_model(cfg)
     except (KeyError, ValueError, AssertionError) as e:  # registry names, sizes, variant checks
         raise ConfigError(f"cannot build the model from the config: {type(e).__name__}: {e}") from e
     load_weights_checked(model, cfg.MODEL.WEIGHTS, allow_mismatch=allow_mismatch)
-    return model.eval()
+    model.eval()
+    if cfg.MODEL.DEFORMABLE_DETR.get("INFERENCE_FUSE_BATCHNORM", True):
+        fuse_batchnorm(model.backbone)  # inference only: one op less per convolution
+    return model
 
 
 class ImagePredictor:

@@ -6,7 +6,7 @@ import logging
 
 import torch
 
-__all__ = ["INFERENCE_DTYPES", "inference_autocast", "cpu_has_native_bf16"]
+__all__ = ["INFERENCE_DTYPES", "inference_autocast", "cpu_has_native_bf16", "use_channels_last"]
 
 logger = logging.getLogger(__name__)
 
@@ -52,3 +52,20 @@ def inference_autocast(name, device_type):
             "emulated and far slower than float32 here (see docs/benchmarks.md)"
         )
     return torch.autocast(device_type, dtype=torch.bfloat16)
+
+
+def use_channels_last(enabled, training, images):
+    """
+    Whether the eval-mode forward gives the backbone a channels-last (NHWC) batch
+    (``MODEL.DEFORMABLE_DETR.INFERENCE_CHANNELS_LAST``): only on the CPU, where oneDNN's convolutions
+    then run without layout reorders, and never while tracing (export keeps the plain layout). The
+    values are the same up to float rounding; training and CUDA inference keep NCHW.
+    """
+    return (
+        enabled
+        and not training
+        and images.device.type == "cpu"
+        and images.dim() == 4
+        and not torch.jit.is_tracing()
+        and not torch.jit.is_scripting()
+    )

@@ -16,7 +16,7 @@ from .backbone import build_input_proj, multi_scale_features
 from .box_ops import inverse_sigmoid
 from .criterion import SetCriterion
 from .deformable_transformer import DeformableTransformer
-from .inference_precision import check_inference_dtype, inference_autocast
+from .inference_precision import check_inference_dtype, inference_autocast, use_channels_last
 from .matcher import HungarianMatcher
 from .position_encoding import PositionEmbeddingSine
 from .query_groups import QueryGroup, assemble_query_groups, build_training_query_groups
@@ -74,6 +74,7 @@ class DeformableDETR(nn.Module):
         per_image_features=True,
         training_groups=None,
         inference_dtype="float32",
+        inference_channels_last=True,
     ):
         super().__init__()
         if two_stage and not with_box_refine:
@@ -90,6 +91,7 @@ class DeformableDETR(nn.Module):
         self.detections_per_image = detections_per_image
         self.per_image_features = per_image_features
         self.inference_dtype = check_inference_dtype(inference_dtype)
+        self.inference_channels_last = inference_channels_last
         self.in_features = list(in_features)
         self.criterion = criterion
         # training-only query groups (name -> module, see query_groups.py); empty by default
@@ -206,6 +208,7 @@ class DeformableDETR(nn.Module):
             "detections_per_image": c.DETECTIONS_PER_IMAGE,
             "per_image_features": c.PER_IMAGE_FEATURES,
             "inference_dtype": c.INFERENCE_DTYPE,
+            "inference_channels_last": c.INFERENCE_CHANNELS_LAST,
             "training_groups": build_training_query_groups(cfg, c.NUM_CLASSES, c.HIDDEN_DIM),
         }
 
@@ -233,6 +236,10 @@ class DeformableDETR(nn.Module):
             srcs: list of L (N, C, H_l, W_l); masks: list of L (N, H_l, W_l) bool (True = padding);
             pos_embeds: list of L (N, C, H_l, W_l) (without level_embed, which the transformer adds).
         """
+        if use_channels_last(self.inference_channels_last, self.training, images.tensor):
+            images = ImageList(
+                images.tensor.contiguous(memory_format=torch.channels_last), images.image_sizes
+            )
         srcs, masks = multi_scale_features(
             self.backbone, self.input_proj, self.in_features, images, per_image=self.per_image_features
         )

@@ -1,0 +1,120 @@
+#!/usr/bin/env python
+"""
+Where the CPU inference time of the R-50 detector goes, for the inference-only layout settings: the
+eval forward (``forward_outputs``, no pre/post-processing) and the backbone alone, timed side by side in
+one process for float32 / bfloat16 x NCHW / channels-last x batch norms folded or not, on the same random
+weights, then a torch.profiler table (top ops by self CPU time) of the default bf16 setting.
+
+Usage: python tools/profile_inference.py [--size 800x1066] [--threads 2] [--repeats 3] [--variant plain]
+(pin the cores with ``taskset -c 0,1`` for figures comparable with tools/benchmark_inference.py)
+"""
+
+import argparse
+import copy
+import os
+import statistics
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import ddetr_d2  # noqa: F401, E402  (registers the config keys and the meta-architecture)
+from ddetr_d2.config import build_cfg  # noqa: E402
+from ddetr_d2.modeling.fuse_batchnorm import fuse_batchnorm  # noqa: E402
+from ddetr_d2.modeling.inference_precision import inference_autocast  # noqa: E402
+
+VARIANTS = {"plain": (False, False), "refine": (True, False), "two_stage": (True, True)}
+
+
+def median_time(fn, repeats):
+    fn()  # warm-up
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--size", default="800x1066")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--variant", choices=list(VARIANTS), default="plain")
+    p.add_argument("--no-profile", action="store_true")
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    from detectron2.modeling import build_model
+
+    h, w = (int(v) for v in args.size.split("x"))
+    refine, two_stage = VARIANTS[args.variant]
+    cfg = build_cfg(
+        os.path.join(
+            os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "ddetr_r50.yaml"
+        ),
+        [
+            "MODEL.WEIGHTS",
+            "",
+            "MODEL.DEVICE",
+            "cpu",
+            "MODEL.DEFORMABLE_DETR.WITH_BOX_REFINE",
+            refine,
+            "MODEL.DEFORMABLE_DETR.TWO_STAGE",
+            two_stage,
+        ],
+    )
+    torch.manual_seed(0)
+    plain = build_model(cfg).eval()
+    fused = copy.deepcopy(plain)
+    n_fused = fuse_batchnorm(fused.backbone)
+    image = torch.randint(0, 256, (3, h, w), dtype=torch.uint8)
+    with torch.no_grad():
+        images = plain.preprocess_image([{"image": image, "height": h, "width": w}])
+    print(
+        f"size {args.size}, variant {args.variant}, threads {args.threads}, repeats {args.repeats} "
+        f"(+1 warm-up), torch {torch.__version__}, CPU capability {torch.backends.cpu.get_cpu_capability()}, "
+        f"{n_fused} convolutions with a batch norm folded"
+    )
+
+    def run(model, dtype, channels_last, part):
+        model.inference_dtype, model.inference_channels_last = dtype, channels_last
+
+        def once():
+            with torch.no_grad(), inference_autocast(dtype, "cpu"):
+                if part == "backbone":
+                    x = images.tensor
+                    return model.backbone(
+                        x.contiguous(memory_format=torch.channels_last) if channels_last else x
+                    )
+                return model.forward_outputs(images)
+
+        return once
+
+    ref = run(plain, "float32", False, "whole")()["pred_logits"]
+    print("| setting | whole forward s | backbone s | max abs logit diff vs fp32 NCHW unfused |")
+    print("|---|---|---|---|")
+    for dtype in ("float32", "bfloat16"):
+        for channels_last in (False, True):
+            for name, model in (("unfused", plain), ("fused BN", fused)):
+                t_whole = median_time(run(model, dtype, channels_last, "whole"), args.repeats)
+                t_bb = median_time(run(model, dtype, channels_last, "backbone"), args.repeats)
+                diff = (run(model, dtype, channels_last, "whole")()["pred_logits"].float() - ref).abs().max()
+                layout = "NHWC" if channels_last else "NCHW"
+                print(f"| {dtype} {layout} {name} | {t_whole:.3f} | {t_bb:.3f} | {diff:.2e} |", flush=True)
+    if args.no_profile:
+        return
+    from torch.profiler import ProfilerActivity, profile
+
+    once = run(fused, "bfloat16", True, "whole")
+    once()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        once()
+    print("bfloat16, NHWC, fused BN (the defaults with INFERENCE_DTYPE bfloat16):")
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=20))
+
+
+if __name__ == "__main__":
+    main()
