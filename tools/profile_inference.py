@@ -20,12 +20,11 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from benchmark_inference import VARIANTS, our_cfg  # noqa: E402  (tools/, this script's folder)
+
 import ddetr_d2  # noqa: F401, E402  (registers the config keys and the meta-architecture)
-from ddetr_d2.config import build_cfg  # noqa: E402
 from ddetr_d2.modeling.fuse_batchnorm import fuse_batchnorm  # noqa: E402
 from ddetr_d2.modeling.inference_precision import inference_autocast  # noqa: E402
-
-VARIANTS = {"plain": (False, False), "refine": (True, False), "two_stage": (True, True)}
 
 
 def median_time(fn, repeats):
@@ -50,22 +49,7 @@ def main():
     from detectron2.modeling import build_model
 
     h, w = (int(v) for v in args.size.split("x"))
-    refine, two_stage = VARIANTS[args.variant]
-    cfg = build_cfg(
-        os.path.join(
-            os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "ddetr_r50.yaml"
-        ),
-        [
-            "MODEL.WEIGHTS",
-            "",
-            "MODEL.DEVICE",
-            "cpu",
-            "MODEL.DEFORMABLE_DETR.WITH_BOX_REFINE",
-            refine,
-            "MODEL.DEFORMABLE_DETR.TWO_STAGE",
-            two_stage,
-        ],
-    )
+    cfg = our_cfg(args.variant, "", args.size)  # the benchmark's config: ddetr_r50.yaml, CPU, this size
     torch.manual_seed(0)
     plain = build_model(cfg).eval()
     fused = copy.deepcopy(plain)
