@@ -99,17 +99,35 @@ class QueryInteractionModule(nn.Module):
         ref = boxes.detach().clamp(1e-4, 1 - 1e-4)
         if hs.shape[0] == 0:
             return hs, query_pos, ref
-        q = (hs + query_pos)[None]
-        attn = self.self_attn(q, q, hs[None], need_weights=False)[0][0]
-        x = self.norm1(hs + self.dropout(attn))
-        x = self.norm2(x + self.dropout(self.linear2(self.dropout(F.relu(self.linear1(x))))))
-        tgt = self.norm_feat(
-            base + self.dropout(self.linear_feat2(self.dropout(F.relu(self.linear_feat1(x)))))
-        )
+        drop = self.dropout if self.training else _identity  # nn.Dropout's call costs more than tracks do
+        x = self.norm1(hs + drop(self.track_self_attention(hs, query_pos)))
+        x = self.norm2(x + drop(self.linear2(drop(F.relu(self.linear1(x))))))
+        tgt = self.norm_feat(base + drop(self.linear_feat2(drop(F.relu(self.linear_feat1(x))))))
         if self.update_query_pos:
-            upd = self.linear_pos2(self.dropout(F.relu(self.linear_pos1(x))))
-            query_pos = self.norm_pos(query_pos + self.dropout(upd))
+            upd = self.linear_pos2(drop(F.relu(self.linear_pos1(x))))
+            query_pos = self.norm_pos(query_pos + drop(upd))
         return tgt, query_pos, ref
+
+    def track_self_attention(self, hs, query_pos):
+        """Multi-head self-attention among the tracks with ``self.self_attn``'s weights (queries and keys
+        ``hs + query_pos``, values ``hs``): (T, C), (T, C) -> (T, C).
+
+        The same arithmetic as calling ``self.self_attn`` (tests/test_tracker_model.py checks it in float64),
+        written out because ``nn.MultiheadAttention``'s argument handling costs more than its arithmetic on
+        tens of tracks (it ran once per frame of tracking).
+        """
+        mha = self.self_attn
+        T, C = hs.shape
+        h = mha.num_heads
+        w, b = mha.in_proj_weight, mha.in_proj_bias
+        qk = F.linear(hs + query_pos, w[: 2 * C], b[: 2 * C]).view(T, 2, h, C // h).permute(1, 2, 0, 3)
+        v = F.linear(hs, w[2 * C :], b[2 * C :]).view(T, h, C // h).transpose(0, 1)
+        out = F.scaled_dot_product_attention(qk[0], qk[1], v, dropout_p=mha.dropout if self.training else 0.0)
+        return mha.out_proj(out.transpose(0, 1).reshape(T, C))
+
+
+def _identity(x):
+    return x
 
 
 def empty_like_queries(hidden_dim, device):

@@ -59,6 +59,45 @@ def test_qim_content_update_is_residual_on_the_chosen_base(residual):
     assert not ref.requires_grad and torch.equal(ref, boxes.clamp(1e-4, 1 - 1e-4))
 
 
+@pytest.mark.parametrize("T_", [1, 7])
+def test_qim_track_self_attention_equals_multihead_attention_and_float64_reference(T_):
+    """The written-out self-attention among tracks against ``nn.MultiheadAttention`` with the same weights
+    and against softmax(QK^T / sqrt(d)) V by hand, in float64; gradients reach the same parameters."""
+    torch.manual_seed(T_)
+    C, H = 16, 4
+    qim = QueryInteractionModule(C, H, 32).double()
+    hs, pos = torch.randn(T_, C, dtype=torch.float64), torch.randn(T_, C, dtype=torch.float64)
+    out = qim.track_self_attention(hs, pos)
+    q = (hs + pos)[None]
+    ref_mha = qim.self_attn(q, q, hs[None], need_weights=False)[0][0]
+    torch.testing.assert_close(out, ref_mha, rtol=1e-12, atol=1e-12)
+    w, b = qim.self_attn.in_proj_weight, qim.self_attn.in_proj_bias
+    d = C // H
+    qs, ks, vs = (
+        (x @ w[i * C : (i + 1) * C].T + b[i * C : (i + 1) * C])
+        for i, x in enumerate((hs + pos, hs + pos, hs))
+    )
+    heads = []
+    for h in range(H):
+        sl = slice(h * d, (h + 1) * d)
+        a = torch.softmax(qs[:, sl] @ ks[:, sl].T / math.sqrt(d), dim=-1)
+        heads.append(a @ vs[:, sl])
+    ref = qim.self_attn.out_proj(torch.cat(heads, -1))
+    torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
+    out.sum().backward()
+    assert qim.self_attn.in_proj_weight.grad is not None and qim.self_attn.out_proj.weight.grad is not None
+
+
+def test_qim_track_self_attention_dropout_only_in_training():
+    torch.manual_seed(0)
+    qim = QueryInteractionModule(16, 4, 32, dropout=0.5)
+    hs, pos = torch.randn(6, 16), torch.randn(6, 16)
+    qim.eval()
+    assert torch.equal(qim.track_self_attention(hs, pos), qim.track_self_attention(hs, pos))
+    qim.train()
+    assert not torch.equal(qim.track_self_attention(hs, pos), qim.track_self_attention(hs, pos))
+
+
 def test_qim_previous_query_needs_the_previous_content():
     qim = QueryInteractionModule(8, 2, 16)
     with pytest.raises(ValueError, match="prev_tgt"):

@@ -1,8 +1,9 @@
 """Identity bookkeeping of the runtime tracker: birth, keep, miss, death, duplicates, no resurrection."""
 
 import torch
+from torchvision.ops import box_iou, nms
 
-from ddetr_video.runtime_tracker import RuntimeTracker
+from ddetr_video.runtime_tracker import RuntimeTracker, pairwise_iou
 
 
 def _box(x, y, s=10.0):
@@ -126,6 +127,55 @@ def test_no_resurrection_and_unique_ids_on_random_streams():
             max_id = max([max_id] + new)
             seen_dead |= set(up.dead_ids.tolist())
             assert set(up.dead_ids.tolist()) == set(ids_before) - set(ids)
+
+
+def test_pairwise_iou_equals_torchvision_box_iou():
+    g = torch.Generator().manual_seed(2)
+    xy = torch.rand(30, 2, generator=g) * 50
+    b = torch.cat([xy, xy + torch.rand(30, 2, generator=g) * 30], 1)
+    b[3] = b[4]  # identical boxes: IoU exactly 1
+    b[5, 2:] = b[5, :2]  # a degenerate (zero-area) box: IoU 0 with the others
+    got = torch.from_numpy(pairwise_iou(b.numpy()))
+    ref = box_iou(b, b)
+    assert got[3, 4] == 1.0
+    torch.testing.assert_close(got, ref, rtol=0, atol=1e-7, equal_nan=True)
+
+
+def test_births_and_track_duplicates_equal_torchvision_nms_on_random_frames():
+    """The greedy suppressions (births among themselves, duplicate tracks) against torchvision's ``nms`` on
+    crowded random frames (distinct scores, so the greedy order is unique), and the births' overlap with the
+    kept tracks against a brute-force check."""
+    g = torch.Generator().manual_seed(1)
+
+    def rand_boxes(n):
+        xy = torch.rand(n, 2, generator=g) * 60
+        return torch.cat([xy, xy + 8 + torch.rand(n, 2, generator=g) * 20], 1)
+
+    for trial in range(40):
+        T, Q = int(torch.randint(0, 12, (1,), generator=g)), int(torch.randint(0, 25, (1,), generator=g))
+        tr = RuntimeTracker(
+            0.3, 0.25, max_age=3, duplicate_iou=0.2 + 0.05 * (trial % 10), track_duplicate_iou=0.4
+        )
+        tr.ids, tr.misses, tr.next_id = torch.arange(1, T + 1), torch.zeros(T, dtype=torch.int64), T + 1
+        ts, tb = torch.rand(T, generator=g), rand_boxes(T)
+        ds, db = torch.rand(Q, generator=g), rand_boxes(Q)
+        up = tr.update(ts, tb, ds, db)
+
+        visible = torch.nonzero(ts >= 0.25).flatten()
+        not_dup = set(visible[nms(tb[visible], ts[visible], 0.4)].tolist())
+        hit = [i in not_dup for i in range(T)]
+        assert up.visible[: up.keep.numel()].tolist() == [hit[i] for i in up.keep.tolist()]
+
+        kept_boxes = tb[up.keep]
+        cand = torch.nonzero(ds >= 0.3).flatten()
+        free = [
+            q
+            for q in cand.tolist()
+            if kept_boxes.numel() == 0 or box_iou(db[q : q + 1], kept_boxes).max() <= tr.duplicate_iou
+        ]
+        free = torch.as_tensor(free, dtype=torch.int64)
+        expected = free[nms(db[free], ds[free], tr.duplicate_iou)] if free.numel() else free
+        assert up.births.tolist() == expected.tolist(), trial
 
 
 def test_bad_shapes_raise():
