@@ -113,7 +113,8 @@ def add_deformable_detr_config(cfg):
     _C.INFERENCE_DTYPE = "float32"
     # Eval-mode forward on the CPU: the backbone gets a channels-last (NHWC) batch, so that oneDNN's
     # convolutions skip layout reorders (R-50 at 800x1066, 2 cores of an AMX Xeon: backbone in bfloat16
-    # 0.98 -> 0.25 s, float32 1.26 -> 0.85 s; no change measured on AVX2). Same values up to rounding;
+    # 0.98 -> 0.25 s, float32 1.26 -> 0.85 s; 2-core AVX2 CPU, float32 with BN folded: 1.80 -> 1.30 s).
+    # Same values up to rounding;
     # training, CUDA and export keep NCHW.
     _C.INFERENCE_CHANNELS_LAST = True
     # Inference-only models (demo, predictors, export, benchmarks: build_demo_model) fold each backbone
@@ -121,6 +122,11 @@ def add_deformable_detr_config(cfg):
     # follows, after loading the weights: one pass over each feature map less, same values up to
     # rounding. Models built for training or --eval-only are not changed.
     _C.INFERENCE_FUSE_BATCHNORM = True
+    # Inference-only models (build_demo_model; never export): torch.compile the encoder layers
+    # (modeling/inference_compile.py). R-50 at 800x1066 on a 2-core AVX2 CPU: whole forward -10 to -15 %,
+    # after ~35-40 s of compiling on the first call (and once more at the first new image size). Off by
+    # default: it pays off after ~60-100 images of one size (a video, a folder of same-size images).
+    _C.INFERENCE_COMPILE = False
 
     # optimizer (used by ddetr_d2/solver.py)
     cfg.SOLVER.OPTIMIZER = "ADAMW"

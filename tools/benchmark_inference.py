@@ -8,6 +8,8 @@ run, on the same random weights:
   * ``ours``: ``ImagePredictor`` on our model with the HF weights converted by
     ``ddetr_d2.conversion.convert_hf_state_dict``, float32;
   * ``ours_bf16``: the same with ``MODEL.DEFORMABLE_DETR.INFERENCE_DTYPE bfloat16``;
+  * ``ours_compile``: ``ours`` with ``MODEL.DEFORMABLE_DETR.INFERENCE_COMPILE True`` (encoder layers compiled
+    by ``torch.compile``; the compilation happens in the untimed warm-up run);
   * ``ort_grid_sample`` / ``ort_gather``: the model exported by ``ddetr_d2.export`` and run by
     ``ddetr_d2.export.onnx_predictor.ONNXPredictor`` (onnxruntime CPU), each MSDA formulation.
 
@@ -22,7 +24,8 @@ The input is a random image already at the measured size (the resize is then a n
 implementation, so all of them see the same pixels).
 
 Usage: python tools/benchmark_inference.py [--sizes 800x1066 160x213] [--variants plain refine two_stage]
-       [--impls hf ours ours_bf16 ort_grid_sample ort_gather] [--repeats 3] [--threads 2] [--json out.json]
+       [--impls hf ours ours_bf16 ours_compile ort_grid_sample ort_gather] [--repeats 3] [--threads 2]
+       [--json out.json]
 """
 
 # first: sets the OpenMP wait policy before torch loads
@@ -40,7 +43,7 @@ import time
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VARIANTS = {"plain": (False, False), "refine": (True, False), "two_stage": (True, True)}
-IMPLS = ("hf", "ours", "ours_bf16", "ort_grid_sample", "ort_gather")
+IMPLS = ("hf", "ours", "ours_bf16", "ours_compile", "ort_grid_sample", "ort_gather")
 STAGES = ("preprocess", "backbone", "input_proj", "encoder", "decoder", "postprocess", "other")
 TOP_K = 100
 
@@ -70,7 +73,7 @@ def hf_model(variant, seed=0):
     return model
 
 
-def our_cfg(variant, weights, size, dtype="float32"):
+def our_cfg(variant, weights, size, dtype="float32", compile_encoder=False):
     """Our config of ``variant``; the test-time resize keeps a ``size`` ("HxW") image as it is."""
     from ddetr_d2.config import build_cfg
 
@@ -89,6 +92,8 @@ def our_cfg(variant, weights, size, dtype="float32"):
             two_stage,
             "MODEL.DEFORMABLE_DETR.INFERENCE_DTYPE",
             dtype,
+            "MODEL.DEFORMABLE_DETR.INFERENCE_COMPILE",
+            compile_encoder,
             "INPUT.MIN_SIZE_TEST",
             min(h, w),
             "INPUT.MAX_SIZE_TEST",
@@ -150,7 +155,11 @@ def run_ours(args, bgr):
     from ddetr_d2.demo.predictor import ImagePredictor
 
     cfg = our_cfg(
-        args.variant, args.weights, args.size, "bfloat16" if args.impl == "ours_bf16" else "float32"
+        args.variant,
+        args.weights,
+        args.size,
+        "bfloat16" if args.impl == "ours_bf16" else "float32",
+        compile_encoder=args.impl == "ours_compile",
     )
     model = our_model(cfg)
     predictor = ImagePredictor(cfg, model)
@@ -256,7 +265,8 @@ def worker(args):
     torch.set_num_threads(args.threads)
     h, w = (int(v) for v in args.size.split("x"))
     bgr = np.random.default_rng(0).integers(0, 256, size=(h, w, 3), dtype=np.uint8)
-    once = {"hf": run_hf, "ours": run_ours, "ours_bf16": run_ours}.get(args.impl, run_ort)(args, bgr)
+    runners = {"hf": run_hf, "ours": run_ours, "ours_bf16": run_ours, "ours_compile": run_ours}
+    once = runners.get(args.impl, run_ort)(args, bgr)
     once()  # warm-up
     runs = [once() for _ in range(args.repeats)]
     times = [r[0] for r in runs]

@@ -6,6 +6,7 @@ one process for float32 / bfloat16 x NCHW / channels-last x batch norms folded o
 weights, then a torch.profiler table (top ops by self CPU time) of the default bf16 setting.
 
 Usage: python tools/profile_inference.py [--size 800x1066] [--threads 2] [--repeats 3] [--variant plain]
+       [--dtypes float32 bfloat16] [--no-profile]
 (pin the cores with ``taskset -c 0,1`` for figures comparable with tools/benchmark_inference.py)
 """
 
@@ -44,6 +45,13 @@ def main():
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--variant", choices=list(VARIANTS), default="plain")
     p.add_argument("--no-profile", action="store_true")
+    p.add_argument(
+        "--dtypes",
+        nargs="+",
+        choices=("float32", "bfloat16"),
+        default=["float32", "bfloat16"],
+        help="bfloat16 is emulated (~20x slower than float32) on CPUs without AVX512-BF16 / AMX",
+    )
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     from detectron2.modeling import build_model
@@ -80,7 +88,7 @@ def main():
     ref = run(plain, "float32", False, "whole")()["pred_logits"]
     print("| setting | whole forward s | backbone s | max abs logit diff vs fp32 NCHW unfused |")
     print("|---|---|---|---|")
-    for dtype in ("float32", "bfloat16"):
+    for dtype in args.dtypes:
         for channels_last in (False, True):
             for name, model in (("unfused", plain), ("fused BN", fused)):
                 t_whole = median_time(run(model, dtype, channels_last, "whole"), args.repeats)

@@ -68,6 +68,10 @@ def export_main(argv):
         raise ExportError(
             "export runs in float32: drop MODEL.DEFORMABLE_DETR.INFERENCE_DTYPE from the options"
         )
+    if cfg.MODEL.DEFORMABLE_DETR.get("INFERENCE_COMPILE", False):
+        cfg = cfg.clone()
+        cfg.defrost()
+        cfg.MODEL.DEFORMABLE_DETR.INFERENCE_COMPILE = False  # tracing needs the plain modules
     model = build_demo_model(cfg)
     image, input_size = None, None
     if args.sample_image:

@@ -1,0 +1,81 @@
+"""``MODEL.DEFORMABLE_DETR.INFERENCE_COMPILE``: the encoder layers of an inference-only model compiled
+with ``torch.compile`` (Inductor) give the eager model's detections, on two image sizes (the second is
+compiled with dynamic shapes); only when asked; never for a model in training mode; export turns it off."""
+
+import copy
+import os
+
+import pytest
+import torch
+from detectron2.modeling import build_model
+from model_testing import ROOT, tiny_cfg
+
+from ddetr_d2.demo.predictor import build_demo_model
+from ddetr_d2.modeling.inference_compile import compile_encoder_layers
+
+
+def compiled_layers(model):
+    return [layer for layer in model.transformer.encoder.layers if layer._compiled_call_impl is not None]
+
+
+def test_compiled_encoder_gives_the_eager_detections_on_two_sizes(one_torch_thread):
+    torch.manual_seed(int(torch.randint(0, 10**6, ())))
+    eager = build_model(tiny_cfg(TWO_STAGE=True, WITH_BOX_REFINE=True)).eval()
+    compiled = copy.deepcopy(eager)
+    assert compile_encoder_layers(compiled) == len(compiled.transformer.encoder.layers) > 0
+    for h, w in ((64, 96), (80, 72)):
+        inputs = [{"image": torch.rand(3, h, w) * 255, "height": h, "width": w}]
+        with torch.no_grad():
+            want = eager.forward_outputs(eager.preprocess_image(inputs))
+            got = compiled.forward_outputs(compiled.preprocess_image(inputs))
+        # fused element-wise loops round differently: same values to float32 noise
+        for key in ("pred_logits", "pred_boxes"):
+            torch.testing.assert_close(got[key], want[key], rtol=1e-4, atol=1e-4)
+    assert len(compiled_layers(compiled)) == len(compiled.transformer.encoder.layers)
+    assert compiled_layers(eager) == []
+
+
+def test_compile_refuses_a_training_model():
+    model = build_model(tiny_cfg()).train()
+    with pytest.raises(ValueError, match="inference-only"):
+        compile_encoder_layers(model)
+    assert compiled_layers(model) == []
+
+
+@pytest.mark.parametrize("on", [True, False])
+def test_build_demo_model_compiles_only_when_asked(on, tmp_path):
+    cfg = tiny_cfg(INFERENCE_COMPILE=on)
+    torch.manual_seed(0)
+    weights = tmp_path / "w.pth"
+    torch.save({"model": build_model(cfg).state_dict()}, weights)
+    cfg.MODEL.WEIGHTS = str(weights)
+    model = build_demo_model(cfg)  # compiling happens at the first call: not run here
+    assert bool(compiled_layers(model)) == on
+
+
+def test_export_builds_the_plain_model_when_compile_is_set(tmp_path, monkeypatch):
+    import ddetr_d2.demo.predictor as predictor
+    from ddetr_d2.export import cli
+
+    built = []
+
+    def spy(cfg, **kw):
+        built.append(cfg.MODEL.DEFORMABLE_DETR.INFERENCE_COMPILE)
+        raise RuntimeError("stop after building")  # the export itself is tests/test_export_model.py
+
+    monkeypatch.setattr(predictor, "build_demo_model", spy)
+    with pytest.raises(RuntimeError, match="stop after building"):
+        cli.export_main(
+            [
+                "--config-file",
+                os.path.join(ROOT, "configs", "tiny_test.yaml"),
+                "--format",
+                "onnx",
+                "--output",
+                str(tmp_path),
+                "--opts",
+                "MODEL.DEFORMABLE_DETR.INFERENCE_COMPILE",
+                "True",
+            ]
+        )
+    assert built == [False]
