@@ -22,3 +22,18 @@ def tiny_cfg(**overrides):
     for k, v in overrides.items():
         setattr(cfg.MODEL.DEFORMABLE_DETR, k, v)
     return cfg
+
+
+def demo_model_with_random_weights(cfg, folder):
+    """``build_demo_model(cfg)`` with ``MODEL.WEIGHTS`` set to a checkpoint of a freshly built model (seed 0)
+    saved in ``folder``: the inference-only model as the demo and predictors build it."""
+    import torch
+    from detectron2.modeling import build_model
+
+    from ddetr_d2.demo.predictor import build_demo_model
+
+    torch.manual_seed(0)
+    weights = os.path.join(str(folder), "w.pth")
+    torch.save({"model": build_model(cfg).state_dict()}, weights)
+    cfg.MODEL.WEIGHTS = weights
+    return build_demo_model(cfg)

@@ -8,9 +8,8 @@ import os
 import pytest
 import torch
 from detectron2.modeling import build_model
-from model_testing import ROOT, tiny_cfg
+from model_testing import ROOT, demo_model_with_random_weights, tiny_cfg
 
-from ddetr_d2.demo.predictor import build_demo_model
 from ddetr_d2.modeling.inference_compile import compile_encoder_layers
 
 
@@ -44,12 +43,8 @@ def test_compile_refuses_a_training_model():
 
 @pytest.mark.parametrize("on", [True, False])
 def test_build_demo_model_compiles_only_when_asked(on, tmp_path):
-    cfg = tiny_cfg(INFERENCE_COMPILE=on)
-    torch.manual_seed(0)
-    weights = tmp_path / "w.pth"
-    torch.save({"model": build_model(cfg).state_dict()}, weights)
-    cfg.MODEL.WEIGHTS = str(weights)
-    model = build_demo_model(cfg)  # compiling happens at the first call: not run here
+    # compiling happens at the first call: not run here
+    model = demo_model_with_random_weights(tiny_cfg(INFERENCE_COMPILE=on), tmp_path)
     assert bool(compiled_layers(model)) == on
 
 

@@ -10,10 +10,9 @@ import torch
 from detectron2.layers import FrozenBatchNorm2d
 from detectron2.layers.wrappers import Conv2d
 from detectron2.modeling import build_model
-from model_testing import tiny_cfg
+from model_testing import demo_model_with_random_weights, tiny_cfg
 from torch import nn
 
-from ddetr_d2.demo.predictor import build_demo_model
 from ddetr_d2.modeling.fuse_batchnorm import fuse_batchnorm
 from ddetr_d2.modeling.inference_precision import use_channels_last
 
@@ -78,12 +77,7 @@ def test_fuse_batchnorm_refuses_a_training_model():
 
 @pytest.mark.parametrize("fuse", [True, False])
 def test_build_demo_model_fuses_only_when_asked(fuse, tmp_path):
-    cfg = tiny_cfg(INFERENCE_FUSE_BATCHNORM=fuse)
-    torch.manual_seed(0)
-    weights = tmp_path / "w.pth"
-    torch.save({"model": build_model(cfg).state_dict()}, weights)
-    cfg.MODEL.WEIGHTS = str(weights)
-    model = build_demo_model(cfg)
+    model = demo_model_with_random_weights(tiny_cfg(INFERENCE_FUSE_BATCHNORM=fuse), tmp_path)
     assert not model.training
     assert (len(norm_convs(model.backbone)) == 0) == fuse
 

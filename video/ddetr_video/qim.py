@@ -112,9 +112,9 @@ class QueryInteractionModule(nn.Module):
         """Multi-head self-attention among the tracks with ``self.self_attn``'s weights (queries and keys
         ``hs + query_pos``, values ``hs``): (T, C), (T, C) -> (T, C).
 
-        The same arithmetic as calling ``self.self_attn`` (tests/test_tracker_model.py checks it in float64),
-        written out because ``nn.MultiheadAttention``'s argument handling costs more than its arithmetic on
-        tens of tracks (it ran once per frame of tracking).
+        The same arithmetic as calling ``self.self_attn`` (video/tests/test_motr_options.py checks it in
+        float64), written out because ``nn.MultiheadAttention``'s argument handling costs more than its
+        arithmetic on tens of tracks (it ran once per frame of tracking).
         """
         mha = self.self_attn
         T, C = hs.shape
