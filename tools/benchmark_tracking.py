@@ -50,7 +50,7 @@ from ddetr_d2.checkpoint import load_weights_checked
 from ddetr_d2.config import build_cfg
 from ddetr_d2.errors import UserError
 from ddetr_video.config import add_tracker_config
-from ddetr_video.datasets import SYNTHETIC_HARD_CONFIG, register_synthetic_mot
+from ddetr_video.datasets import SYNTHETIC_HARD_CONFIG, SYNTHETIC_SEED, register_synthetic_mot
 from ddetr_video.engine import TrackerTrainer
 from ddetr_video.evaluator import MOTEvaluator
 from ddetr_video.predictor import TrackingPredictor
@@ -58,7 +58,9 @@ from ddetr_video.synthetic_video import SyntheticVideoConfig
 
 logger = logging.getLogger("benchmark_tracking")
 METRICS = ("HOTA", "MOTA", "IDF1", "IDSW", "FP", "FN", "DetA", "AssA")
-ASSOCIATIONS = (("query_tracker", "RuntimeTracker"), ("detector_plus_iou_tracker", "IoUTracker"))
+# the baseline is always the per-frame detector + IoUTracker; the query tracker's association is
+# --query-association (ddetr_video.tracking.TRACKER_REGISTRY, a class that uses track queries)
+QUERY_ASSOCIATIONS = ("RuntimeTracker", "QueryIoUTracker")
 
 
 def parse_args(argv=None):
@@ -72,16 +74,28 @@ def parse_args(argv=None):
     p.add_argument("--num-tune", type=int, default=3, help="tune sequences (threshold choice; 0: none)")
     p.add_argument("--num-hard-val", type=int, default=3, help="hard val sequences (0: none)")
     p.add_argument(
+        "--data-seed",
+        type=int,
+        default=SYNTHETIC_SEED,
+        help="seed of the generated sequences (every split; a new seed with a new --data-root gives sets "
+        "never seen before)",
+    )
+    p.add_argument(
         "--tune-thresholds",
         action="store_true",
         help="choose BIRTH/KEEP_THRESHOLD per association on the tune split (else: the config's)",
     )
     p.add_argument("--tune-metric", default="IDF1", choices=("IDF1", "HOTA", "MOTA"))
+    p.add_argument(
+        "--query-association",
+        default="RuntimeTracker",
+        choices=QUERY_ASSOCIATIONS,
+        help="MODEL.TRACKER.ASSOCIATION of the query tracker (RuntimeTracker: MOTR's rule; QueryIoUTracker: "
+        "the detector's detections matched to the track queries' boxes)",
+    )
     # the grid reaches down to birth 0.2 / keep 0.1: with 0.3 / 0.2 as its lowest points, all four choices of
     # the 30-minute recipe (two seeds x two associations) fell on its lowest keep (docs/benchmarks.md)
-    p.add_argument(
-        "--birth-grid", default="0.2,0.3,0.4,0.5,0.6,0.7", help="comma-separated birth thresholds"
-    )
+    p.add_argument("--birth-grid", default="0.2,0.3,0.4,0.5,0.6,0.7", help="comma-separated birth thresholds")
     p.add_argument("--keep-grid", default="0.1,0.2,0.3,0.4,0.5", help="comma-separated keep thresholds")
     p.add_argument("--weights", default="", help="skip training and load these weights")
     p.add_argument("--init-weights", default="", help="load these weights, then train (continue a run)")
@@ -270,13 +284,18 @@ def main(argv=None):
         root=data_root,
         cfg=SyntheticVideoConfig(num_frames=args.num_frames),
         splits={"train": args.num_train, "val": args.num_val},
+        seed=args.data_seed,
         prefix="bench_mot",
     )
     eval_sets = {"val": val_name}
     if args.num_hard_val > 0:
         hard_cfg = dataclasses.replace(SYNTHETIC_HARD_CONFIG, num_frames=args.num_frames)
         (eval_sets["hard_val"],) = register_synthetic_mot(
-            data_root + "_hard", hard_cfg, {"hard_val": args.num_hard_val}, prefix="bench_mot"
+            data_root + "_hard",
+            hard_cfg,
+            {"hard_val": args.num_hard_val},
+            seed=args.data_seed,
+            prefix="bench_mot",
         )
     tune_name = None
     if args.tune_thresholds:
@@ -286,6 +305,7 @@ def main(argv=None):
             data_root + "_tune",
             SyntheticVideoConfig(num_frames=args.num_frames),
             {"tune": args.num_tune},
+            seed=args.data_seed,
             prefix="bench_mot",
         )
     budget_iter = args.max_iter if args.max_iter > 0 else 10**9
@@ -305,13 +325,14 @@ def main(argv=None):
         "SOLVER.CHECKPOINT_PERIOD",
         str(10**9),
     ]
+    associations = (("query_tracker", args.query_association), ("detector_plus_iou_tracker", "IoUTracker"))
     cfgs = {
         key: build_cfg(
             args.config_file,
             base_opts + ["MODEL.TRACKER.ASSOCIATION", name],
             add_config_fns=(add_tracker_config,),
         )
-        for key, name in ASSOCIATIONS
+        for key, name in associations
     }
     cfg = cfgs["query_tracker"]
     if args.weights:
@@ -325,6 +346,8 @@ def main(argv=None):
         "config": args.config_file,
         "opts": args.opts,
         "seed": args.seed,
+        "query_association": args.query_association,
+        "data_seed": args.data_seed,
         "train": train_info,
     }
     if tune_name is not None:
@@ -332,7 +355,7 @@ def main(argv=None):
         ev = MOTEvaluator(tune_name, output_dir=None, distributed=False)
         births, keeps = _floats(args.birth_grid), _floats(args.keep_grid)
         results["tune"] = {"split": tune_name, "metric": args.tune_metric}
-        for key, _ in ASSOCIATIONS:
+        for key, _ in associations:
             cfgs[key], grid = choose_thresholds(cfgs[key], model, seqs, ev, args.tune_metric, births, keeps)
             tc = cfgs[key].MODEL.TRACKER
             results["tune"][key] = {"birth": tc.BIRTH_THRESHOLD, "keep": tc.KEEP_THRESHOLD, "grid": grid}
@@ -342,7 +365,7 @@ def main(argv=None):
         seqs = _frames_by_sequence(name)
         ev = MOTEvaluator(name, output_dir=None, distributed=False)
         results[split] = {"sequences": len(seqs), "frames": sum(len(v) for v in seqs.values())}
-        for key, assoc in ASSOCIATIONS:
+        for key, assoc in associations:
             res, fps = run_tracker(TrackingPredictor(cfgs[key], model), seqs, ev)
             results[split][key] = dict(res, fps=fps)
             tc = cfgs[key].MODEL.TRACKER

@@ -11,7 +11,12 @@ boxes of the track queries and of the detect queries,
   overlaps a higher-scoring visible track with IoU > ``track_duplicate_iou`` counts as a miss this frame, but
   is still carried, so it comes back if the two separate again),
 * which detect queries give birth to new tracks (score >= ``birth_threshold`` and IoU <= ``duplicate_iou``
-  with every live track and with every other newborn of higher score).
+  with every live track and with every other newborn of higher score),
+* optionally (``rebind_missed``, not in MOTR), which missed tracks are *re-bound*: a detect query that would
+  be born but overlaps a track missed this frame (IoU > ``duplicate_iou``, and no visible track) replaces that
+  track's query; the track keeps its id, is visible with the detect query's box and score, and its miss
+  counter resets. Without it such a detection is suppressed as a duplicate and the object goes unreported
+  until the track recovers or dies (then it is born again under a new id).
 
 It only works on tensors of scores and boxes, so it is unit-testable without a model. Built from a config by
 ``ddetr_video.tracking.build_tracker`` (``MODEL.TRACKER.ASSOCIATION: "RuntimeTracker"``).
@@ -37,6 +42,10 @@ class TrackerUpdate:
         ids: (K + B,) int64 track ids in the new slot order.
         visible: (K + B,) bool, True where the track is reported this frame.
         dead_ids: (D,) int64 ids that died this frame.
+        rebound: (K,) int64, for each kept track the detect query that replaced its query this frame
+            (``rebind_missed``), -1 where none.
+        reported: (K,) int64, for each kept track the detect query whose box and score are reported for it
+            this frame, -1 where its own query's are (``RuntimeTracker``: the re-bound one).
     """
 
     keep: torch.Tensor
@@ -44,6 +53,21 @@ class TrackerUpdate:
     ids: torch.Tensor
     visible: torch.Tensor
     dead_ids: torch.Tensor
+    rebound: torch.Tensor
+    reported: torch.Tensor
+
+    def sources(self, num_tracks):
+        """(K + B,) int64: for each new slot, its query's index in ``[track queries] + [detect queries]``
+        of this frame (``num_tracks`` track queries first): a kept track's own, a re-bound track's detect
+        query, a newborn's detect query."""
+        kept = torch.where(self.rebound >= 0, self.rebound + num_tracks, self.keep)
+        return torch.cat([kept, self.births + num_tracks])
+
+    def report_sources(self, num_tracks):
+        """(K + B,) int64: for each new slot, the index (as in :meth:`sources`) of the query whose box and
+        score are reported for it this frame."""
+        kept = torch.where(self.reported >= 0, self.reported + num_tracks, self.keep)
+        return torch.cat([kept, self.births + num_tracks])
 
 
 class RuntimeTracker:
@@ -59,10 +83,18 @@ class RuntimeTracker:
             with IoU > this is suppressed as a duplicate.
         track_duplicate_iou: a track overlapping a higher-scoring visible track with IoU > this is hidden
             and counts as a miss (None: tracks are never compared with each other).
+        rebind_missed: a would-be birth overlapping a track missed this frame (IoU > ``duplicate_iou``) and
+            no visible track takes over that track (same id) instead of being suppressed.
     """
 
     def __init__(
-        self, birth_threshold=0.5, keep_threshold=0.4, max_age=5, duplicate_iou=0.7, track_duplicate_iou=None
+        self,
+        birth_threshold=0.5,
+        keep_threshold=0.4,
+        max_age=5,
+        duplicate_iou=0.7,
+        track_duplicate_iou=None,
+        rebind_missed=False,
     ):
         if not 0.0 <= keep_threshold <= 1.0 or not 0.0 <= birth_threshold <= 1.0:
             raise ValueError(
@@ -75,6 +107,7 @@ class RuntimeTracker:
         self.max_age = int(max_age)
         self.duplicate_iou = float(duplicate_iou)
         self.track_duplicate_iou = None if track_duplicate_iou is None else float(track_duplicate_iou)
+        self.rebind_missed = bool(rebind_missed)
         self.reset()
 
     #: the model must carry track queries (``QueryTracker``); detections alone are not enough
@@ -89,6 +122,7 @@ class RuntimeTracker:
             max_age=tc.MAX_AGE,
             duplicate_iou=tc.DUPLICATE_IOU,
             track_duplicate_iou=tc.TRACK_DUPLICATE_IOU if tc.TRACK_DUPLICATE_IOU > 0 else None,
+            rebind_missed=tc.REBIND_MISSED_TRACKS,
         )
 
     def reset(self):
@@ -145,17 +179,38 @@ class RuntimeTracker:
             )
             hit = [h and i in kept for i, h in enumerate(hit)]
         misses = [0 if h else m + 1 for h, m in zip(hit, self.misses.tolist())]
+        dup_thr = _f32(self.duplicate_iou)
+        cand = sorted(
+            (q for q in range(len(d_scores)) if d_scores[q] >= birth_thr), key=lambda q: -d_scores[q]
+        )
+
+        # 2) optional re-binding: the best candidate overlapping a missed track (and no visible track, no
+        # detection re-bound before it) takes that track
+        rebound = {}  # track slot -> detect query
+        if self.rebind_missed:
+            shown = [i for i in range(T) if hit[i]]
+            for q in cand:
+                row = iou[T + q]
+                if any(row[k] > dup_thr for k in shown):
+                    continue
+                if any(row[T + r] > dup_thr for r in rebound.values()):
+                    continue
+                free = [i for i in range(T) if not hit[i] and i not in rebound and row[i] > dup_thr]
+                if free:
+                    rebound[max(free, key=lambda i: row[i])] = q  # ties: the first slot
+            for i in rebound:
+                hit[i], misses[i] = True, 0
+
         keep = [i for i in range(T) if misses[i] < self.max_age]
         ids = self.ids.tolist()
         dead_ids = [ids[i] for i in range(T) if misses[i] >= self.max_age]
         self.dead.update(dead_ids)
 
-        # 2) births: threshold, then suppress overlaps with live tracks and with better births
-        dup_thr = _f32(self.duplicate_iou)
-        cand = sorted(
-            (q for q in range(len(d_scores)) if d_scores[q] >= birth_thr), key=lambda q: -d_scores[q]
-        )
-        cand = [q for q in cand if not any(iou[T + q][k] > dup_thr for k in keep)]
+        # 3) births: threshold, then suppress overlaps with live tracks (a re-bound track: its old box and
+        # its detection's) and with better births
+        taken = set(rebound.values())
+        blockers = keep + [T + q for q in taken]
+        cand = [q for q in cand if q not in taken and not any(iou[T + q][k] > dup_thr for k in blockers)]
         births = _greedy_nms(cand, [[iou[T + q][T + r] for r in cand] for q in cand], self.duplicate_iou)
 
         new_ids = list(range(self.next_id, self.next_id + len(births)))
@@ -168,6 +223,8 @@ class RuntimeTracker:
             ids=self.ids.clone(),
             visible=torch.tensor([hit[i] for i in keep] + [True] * len(births), dtype=torch.bool),
             dead_ids=torch.tensor(dead_ids, dtype=torch.int64),
+            rebound=torch.tensor([rebound.get(i, -1) for i in keep], dtype=torch.int64),
+            reported=torch.tensor([rebound.get(i, -1) for i in keep], dtype=torch.int64),
         )
 
 

@@ -207,11 +207,15 @@ class QueryTracker(DeformableDETR):
             ref_d = torch.cat([ref_d, self.detect_ref_wh.sigmoid()[None]], -1)
         else:
             t_ref = t_ref[:, :2]  # MOTR: a track's reference point is its last box centre
+        # an association that reports the per-frame detector's detections (QueryIoUTracker) hides the
+        # tracks from the detect queries; training and MOTR's rule: all queries see each other
+        blind = not self.training and not getattr(self.tracker, "detect_sees_tracks", True)
         queries = assemble_query_groups(
             [
                 QueryGroup("track", t_tgt[None], t_pos[None], t_ref[None]),
                 QueryGroup("detect", tgt_d, pos_d, ref_d),
-            ]
+            ],
+            blocked=[("detect", "track")] if blind and t_tgt.shape[0] else (),
         )
         self._set_track_attention(t_tgt.shape[0])
         try:
@@ -429,9 +433,8 @@ class QueryTracker(DeformableDETR):
         inst = query_instances(out["pred_logits"], out["pred_boxes"], size)
         boxes = inst.pred_boxes.tensor
         up = self.tracker.update(inst.scores[:T], boxes[:T], inst.scores[T:], boxes[T:])
-        sel = torch.cat([up.keep, up.births + T])
-        self._state = self._next_tracks(out, sel)
+        self._state = self._next_tracks(out, up.sources(T))
         dev = boxes.device
-        shown = inst[sel[up.visible].to(dev)]
+        shown = inst[up.report_sources(T)[up.visible].to(dev)]
         shown.track_ids = up.ids[up.visible].to(dev)
         return {"instances": self._drop_small(detector_postprocess(shown, *self._out_size(frame, size)))}

@@ -6,6 +6,9 @@
 * ``"RuntimeTracker"`` (:mod:`ddetr_video.runtime_tracker`): query propagation. The model (``QueryTracker``)
   carries one decoder query per track; the tracker decides births, misses and deaths from the scores and boxes
   of the track and detect queries (``uses_track_queries = True``).
+* ``"QueryIoUTracker"`` (:mod:`ddetr_video.query_iou_tracker`): track queries carried as above, but the
+  per-frame detector's detections (detect queries blind to the tracks) are reported, matched to the track
+  queries' boxes by IoU (TransTrack-style).
 * ``"IoUTracker"`` (:mod:`ddetr_video.iou_tracker`): the baseline. Per-frame detections, class-agnostic NMS,
   Hungarian on ``1 - IoU`` with the previous boxes (``uses_track_queries = False``); any detector works.
 
@@ -27,6 +30,7 @@ from torchvision.ops import box_convert, nms
 from ddetr_d2.errors import ConfigError
 
 from .iou_tracker import IoUTracker, assign_track_ids
+from .query_iou_tracker import QueryIoUTracker
 from .runtime_tracker import RuntimeTracker
 
 __all__ = ["TRACKER_REGISTRY", "build_tracker", "query_instances", "associate_detections"]
@@ -38,6 +42,7 @@ builds one.
 """
 TRACKER_REGISTRY.register(RuntimeTracker)
 TRACKER_REGISTRY.register(IoUTracker)
+TRACKER_REGISTRY.register(QueryIoUTracker)
 
 
 def build_tracker(cfg):

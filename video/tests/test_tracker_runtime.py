@@ -186,3 +186,114 @@ def test_bad_shapes_raise():
         assert "live tracks" in str(e)
     else:
         raise AssertionError("expected ValueError")
+
+
+def test_rebind_missed_track_takes_the_detection_and_keeps_its_id():
+    on = RuntimeTracker(
+        birth_threshold=0.5, keep_threshold=0.4, max_age=5, duplicate_iou=0.5, rebind_missed=True
+    )
+    off = RuntimeTracker(birth_threshold=0.5, keep_threshold=0.4, max_age=5, duplicate_iou=0.5)
+    for tr in (on, off):
+        tr.update(*_empty(), torch.tensor([0.9, 0.8]), _boxes((0, 0), (100, 100)))
+    # track 1 (slot 0) misses; detection 1 overlaps it, detection 0 is a new object
+    args = (
+        torch.tensor([0.1, 0.9]),
+        _boxes((0, 0), (100, 100)),
+        torch.tensor([0.7, 0.8]),
+        _boxes((50, 50), (1, 1)),
+    )
+    up = on.update(*args)
+    assert up.rebound.tolist() == [1, -1] and up.births.tolist() == [0]
+    assert up.ids.tolist() == [1, 2, 3] and up.visible.tolist() == [True, True, True]
+    assert up.sources(2).tolist() == [2 + 1, 1, 2 + 0]
+    assert on.misses.tolist() == [0, 0, 0]
+    up = off.update(*args)  # without it: the detection is a duplicate of the missed track, suppressed
+    assert up.rebound.tolist() == [-1, -1] and up.births.tolist() == [0]
+    assert up.visible.tolist() == [False, True, True] and up.sources(2).tolist() == [0, 1, 2]
+
+
+def test_rebind_needs_a_missed_track_and_no_visible_overlap():
+    tr = RuntimeTracker(
+        birth_threshold=0.5, keep_threshold=0.4, max_age=5, duplicate_iou=0.5, rebind_missed=True
+    )
+    # two live tracks (ids 1, 2) that converged on one object
+    tr.ids, tr.misses, tr.next_id = torch.tensor([1, 2]), torch.zeros(2, dtype=torch.int64), 3
+    # slot 1 is missed but slot 0, visible, also covers the detection: a plain duplicate
+    up = tr.update(torch.tensor([0.9, 0.1]), _boxes((0, 0), (1, 0)), torch.tensor([0.9]), _boxes((0, 1)))
+    assert up.rebound.tolist() == [-1, -1] and up.births.numel() == 0
+    assert up.visible.tolist() == [True, False]
+    # a detection under the birth threshold re-binds nothing
+    up = tr.update(torch.tensor([0.1, 0.1]), _boxes((0, 0), (100, 0)), torch.tensor([0.49]), _boxes((0, 0)))
+    assert up.rebound.tolist() == [-1, -1] and up.visible.tolist() == [False, False]
+
+
+def test_rebind_rescues_a_track_at_its_last_miss_and_takes_the_best_detection():
+    tr = RuntimeTracker(
+        birth_threshold=0.5, keep_threshold=0.4, max_age=2, duplicate_iou=0.5, rebind_missed=True
+    )
+    tr.update(*_empty(), torch.tensor([0.9]), _boxes((0, 0)))
+    tr.update(torch.tensor([0.1]), _boxes((0, 0)), *_empty())  # first miss
+    # second miss would kill it (max_age 2); two overlapping detections: the higher-scoring one re-binds,
+    # the other is a duplicate of it
+    up = tr.update(torch.tensor([0.1]), _boxes((0, 0)), torch.tensor([0.6, 0.9]), _boxes((1, 0), (0, 1)))
+    assert up.dead_ids.numel() == 0 and up.ids.tolist() == [1]
+    assert up.rebound.tolist() == [1] and up.births.numel() == 0 and up.visible.tolist() == [True]
+
+
+def test_rebind_invariants_on_random_frames():
+    """Brute-force checks of every re-binding decision on crowded random frames, and: with nothing to
+    re-bind, the same update as without the option."""
+    g = torch.Generator().manual_seed(4)
+
+    def rand_boxes(n):
+        xy = torch.rand(n, 2, generator=g) * 60
+        return torch.cat([xy, xy + 8 + torch.rand(n, 2, generator=g) * 20], 1)
+
+    n_rebound = 0
+    for trial in range(60):
+        T, Q = int(torch.randint(0, 10, (1,), generator=g)), int(torch.randint(0, 20, (1,), generator=g))
+        kw = dict(birth_threshold=0.3, keep_threshold=0.5, max_age=2, duplicate_iou=0.3 + 0.05 * (trial % 6))
+        on, off = RuntimeTracker(**kw, rebind_missed=True), RuntimeTracker(**kw)
+        misses = torch.randint(0, 2, (T,), generator=g)
+        for tr in (on, off):
+            tr.ids, tr.misses, tr.next_id = torch.arange(1, T + 1), misses.clone(), T + 1
+        ts, tb = torch.rand(T, generator=g), rand_boxes(T)
+        ds, db = torch.rand(Q, generator=g), rand_boxes(Q)
+        up, ref = on.update(ts, tb, ds, db), off.update(ts, tb, ds, db)
+        thr = on.duplicate_iou
+        shown = tb[ts >= 0.5]
+        pairs = [(k, q) for k, q in zip(up.keep.tolist(), up.rebound.tolist()) if q >= 0]
+        n_rebound += len(pairs)
+        for k, q in pairs:
+            assert ts[k] < 0.5 and ds[q] >= 0.3, "only a missed track, only a would-be birth"
+            assert box_iou(db[q : q + 1], tb[k : k + 1]).item() > thr
+            assert shown.numel() == 0 or box_iou(db[q : q + 1], shown).max() <= thr
+        taken = [q for _, q in pairs]
+        if len(taken) > 1:
+            iou = box_iou(db[taken], db[taken]) - torch.eye(len(taken)) * 2
+            assert iou.max() <= thr, "two re-bound detections overlap"
+        assert not set(taken) & set(up.births.tolist())
+        blockers = torch.cat([tb[up.keep], db[taken]])
+        for q in up.births.tolist():
+            assert blockers.numel() == 0 or box_iou(db[q : q + 1], blockers).max() <= thr
+        assert up.visible[: up.keep.numel()].tolist() == [
+            bool(ts[k] >= 0.5) or q >= 0 for k, q in zip(up.keep.tolist(), up.rebound.tolist())
+        ]
+        if not pairs:
+            for name in ("keep", "births", "ids", "visible", "dead_ids", "rebound"):
+                assert torch.equal(getattr(up, name), getattr(ref, name)), (trial, name)
+    assert n_rebound > 10, "the random frames must exercise re-binding"
+
+
+def test_rebind_never_gives_one_object_to_two_missed_tracks():
+    tr = RuntimeTracker(
+        birth_threshold=0.5, keep_threshold=0.4, max_age=5, duplicate_iou=0.5, rebind_missed=True
+    )
+    tr.ids, tr.misses, tr.next_id = torch.tensor([1, 2]), torch.zeros(2, dtype=torch.int64), 3
+    # both tracks missed and overlapping each other; the two detections overlap each other (IoU 0.68) and
+    # each overlaps both tracks: only the better detection re-binds (to the first of the equally close tracks)
+    up = tr.update(
+        torch.tensor([0.1, 0.1]), _boxes((0, 0), (2, 0)), torch.tensor([0.9, 0.8]), _boxes((1, 0), (2, 1))
+    )
+    assert up.rebound.tolist() == [0, -1] and up.births.numel() == 0
+    assert up.visible.tolist() == [True, False]

@@ -1,0 +1,158 @@
+"""Track queries matched to per-frame detections by IoU (TransTrack-style association on a MOTR model).
+
+The model still carries one decoder query per live track (``QueryTracker``: the query is updated by the QIM
+and predicts where its object is in the next frame), but what is *reported* each frame are the detections of
+the detect queries, computed as the detector alone would (``detect_sees_tracks = False``: the model blocks
+the detect queries' self-attention to the track queries, so their outputs are the per-frame detector's).
+Per frame (:meth:`QueryIoUTracker.update`):
+
+1. detections: detect queries with score >= ``keep_threshold``, class-agnostic greedy NMS at
+   ``duplicate_iou`` (as the IoU baseline's ``associate_detections``);
+2. Hungarian assignment (``scipy.optimize.linear_sum_assignment``) between every live track and the
+   detections on ``1 - IoU(track query's box this frame, detection)``, pairs under ``iou_threshold``
+   rejected;
+3. a matched track is reported with the detection's box and score, keeps its id and carries **its own**
+   query on (identity stays with the track query); its miss counter resets;
+4. an unmatched track misses the frame (not reported, still carried) and dies at its ``max_age``-th
+   consecutive miss; ids are never reused;
+5. an unmatched detection with score >= ``birth_threshold`` starts a track from its detect query.
+
+Against :class:`~ddetr_video.iou_tracker.IoUTracker` (the baseline: the same detections matched to each
+track's *last* box) the difference is the box a track is matched with: the track query's prediction for
+the current frame (a learned motion model that also follows the object while it is not detected). Against
+:class:`~ddetr_video.runtime_tracker.RuntimeTracker` (MOTR's rule: the track queries' own scores decide)
+the difference is what is reported: the detector's detections, so detection quality (MOTA) is the
+detector's.
+"""
+
+import numpy as np
+import torch
+from scipy.optimize import linear_sum_assignment
+
+from .runtime_tracker import TrackerUpdate, _f32, _greedy_nms, pairwise_iou
+
+__all__ = ["QueryIoUTracker"]
+
+
+class QueryIoUTracker:
+    """
+    Args:
+        birth_threshold: an unmatched detection with score >= this starts a track.
+        keep_threshold: detect queries with score >= this are detections (can continue a track).
+        max_age: a track dies at its ``max_age``-th consecutive frame without a matched detection.
+        duplicate_iou: class-agnostic NMS IoU among the detections.
+        iou_threshold: minimum IoU of a track-detection match.
+    """
+
+    #: the model carries track queries ...
+    uses_track_queries = True
+    #: ... but the detect queries must not see them (their outputs are the per-frame detector's)
+    detect_sees_tracks = False
+
+    def __init__(
+        self, birth_threshold=0.5, keep_threshold=0.4, max_age=5, duplicate_iou=0.7, iou_threshold=0.3
+    ):
+        if not 0.0 <= keep_threshold <= birth_threshold <= 1.0:
+            raise ValueError(
+                f"thresholds must satisfy 0 <= keep <= birth <= 1, got birth={birth_threshold}, "
+                f"keep={keep_threshold}"
+            )
+        if max_age < 1:
+            raise ValueError(f"max_age must be >= 1, got {max_age}")
+        if not 0.0 < iou_threshold <= 1.0:
+            raise ValueError(f"iou_threshold must be in (0, 1], got {iou_threshold}")
+        self.birth_threshold = float(birth_threshold)
+        self.keep_threshold = float(keep_threshold)
+        self.max_age = int(max_age)
+        self.duplicate_iou = float(duplicate_iou)
+        self.iou_threshold = float(iou_threshold)
+        self.reset()
+
+    @classmethod
+    def from_config(cls, cfg):
+        tc = cfg.MODEL.TRACKER
+        return cls(
+            birth_threshold=tc.BIRTH_THRESHOLD,
+            keep_threshold=tc.KEEP_THRESHOLD,
+            max_age=tc.MAX_AGE,
+            duplicate_iou=tc.DUPLICATE_IOU,
+            iou_threshold=tc.IOU_MATCH_THRESHOLD,
+        )
+
+    def reset(self):
+        """Forget all tracks (start of a new video). Ids restart at 1."""
+        self.ids = torch.zeros(0, dtype=torch.int64)
+        self.misses = torch.zeros(0, dtype=torch.int64)
+        self.next_id = 1
+        self.dead = set()
+
+    def __len__(self):
+        return int(self.ids.numel())
+
+    def update(self, track_scores, track_boxes, det_scores, det_boxes):
+        """
+        Args:
+            track_scores: (T,) scores of the track queries (T == len(self)); not used for the decision
+                (the detections decide), checked for shape only.
+            track_boxes: (T, 4) the track queries' boxes this frame, XYXY.
+            det_scores: (Q,) scores of the detect queries; det_boxes: (Q, 4) their boxes, XYXY.
+        Returns:
+            :class:`~ddetr_video.runtime_tracker.TrackerUpdate`: ``reported`` holds each kept track's
+            matched detection (-1: not matched, not visible); ``rebound`` is all -1 (a track carries its own
+            query).
+        """
+        T = len(self)
+        if track_scores.shape != (T,) or track_boxes.shape != (T, 4):
+            raise ValueError(
+                f"expected track_scores ({T},) and track_boxes ({T}, 4) for {T} live tracks, got "
+                f"{tuple(track_scores.shape)} and {tuple(track_boxes.shape)}"
+            )
+        if det_scores.dim() != 1 or det_boxes.shape != (det_scores.shape[0], 4):
+            raise ValueError(
+                f"expected det_scores (Q,) and det_boxes (Q, 4), got {tuple(det_scores.shape)} and "
+                f"{tuple(det_boxes.shape)}"
+            )
+        boxes = torch.cat([track_boxes.detach().float().cpu(), det_boxes.detach().float().cpu()]).numpy()
+        iou = pairwise_iou(boxes)
+        d_scores = det_scores.detach().float().cpu().tolist()
+
+        # 1) detections: score >= keep, greedy NMS (best first)
+        keep_thr = _f32(self.keep_threshold)
+        order = sorted(
+            (q for q in range(len(d_scores)) if d_scores[q] >= keep_thr), key=lambda q: -d_scores[q]
+        )
+        dets = _greedy_nms(order, iou[T:, T:][np.ix_(order, order)].tolist(), self.duplicate_iou)
+
+        # 2) Hungarian on 1 - IoU(track box, detection); pairs under the IoU threshold rejected
+        match = {}  # track slot -> detect query
+        if T and dets:
+            pair_iou = np.nan_to_num(iou[:T, T:][:, dets].astype(np.float64), nan=0.0)
+            ok = pair_iou >= _f32(self.iou_threshold)
+            rows, cols = linear_sum_assignment(np.where(ok, 1.0 - pair_iou, 1e6))
+            match = {int(r): dets[c] for r, c in zip(rows, cols) if ok[r, c]}
+
+        # 3) tracks: matched -> shown, others miss; death at the max_age-th consecutive miss
+        misses = [0 if i in match else m + 1 for i, m in enumerate(self.misses.tolist())]
+        keep = [i for i in range(T) if misses[i] < self.max_age]
+        ids = self.ids.tolist()
+        dead_ids = [ids[i] for i in range(T) if misses[i] >= self.max_age]
+        self.dead.update(dead_ids)
+
+        # 4) births: unmatched detections over the birth threshold, best first
+        birth_thr = _f32(self.birth_threshold)
+        taken = set(match.values())
+        births = [q for q in dets if q not in taken and d_scores[q] >= birth_thr]
+
+        new_ids = list(range(self.next_id, self.next_id + len(births)))
+        self.next_id += len(births)
+        self.ids = torch.tensor([ids[i] for i in keep] + new_ids, dtype=torch.int64)
+        self.misses = torch.tensor([misses[i] for i in keep] + [0] * len(births), dtype=torch.int64)
+        return TrackerUpdate(
+            keep=torch.tensor(keep, dtype=torch.int64),
+            births=torch.tensor(births, dtype=torch.int64),
+            ids=self.ids.clone(),
+            visible=torch.tensor([i in match for i in keep] + [True] * len(births), dtype=torch.bool),
+            dead_ids=torch.tensor(dead_ids, dtype=torch.int64),
+            rebound=torch.full((len(keep),), -1, dtype=torch.int64),
+            reported=torch.tensor([match.get(i, -1) for i in keep], dtype=torch.int64),
+        )

@@ -1,0 +1,184 @@
+"""QueryIoUTracker: track queries matched to the per-frame detector's detections by IoU."""
+
+import os
+
+import numpy as np
+import pytest
+import torch
+from detectron2.modeling import build_model
+from scipy.optimize import linear_sum_assignment
+from torchvision.ops import box_iou, nms
+
+from ddetr_video.config import get_tracker_cfg
+from ddetr_video.query_iou_tracker import QueryIoUTracker
+
+CONFIG = os.path.join(os.path.dirname(__file__), "..", "configs", "synthetic_tiny.yaml")
+
+
+def _boxes(*xy, s=10.0):
+    return torch.tensor([[x, y, x + s, y + s] for x, y in xy], dtype=torch.float32).reshape(-1, 4)
+
+
+def _empty():
+    return torch.zeros(0), torch.zeros(0, 4)
+
+
+def test_matched_track_reports_the_detection_and_keeps_its_id():
+    tr = QueryIoUTracker(
+        birth_threshold=0.5, keep_threshold=0.3, max_age=2, duplicate_iou=0.5, iou_threshold=0.3
+    )
+    up = tr.update(*_empty(), torch.tensor([0.9, 0.4, 0.2]), _boxes((0, 0), (50, 0), (100, 0)))
+    # 0.4 is a detection but under the birth threshold; 0.2 is not a detection
+    assert up.births.tolist() == [0] and up.ids.tolist() == [1]
+    # the track query predicts (2, 0); detection 1 is the object at (3, 0), detection 0 a new one; detection 2
+    # duplicates detection 1 (NMS); the track's own score (0.05) does not matter
+    dets = _boxes((60, 60), (3, 0), (3, 1))
+    up = tr.update(torch.tensor([0.05]), _boxes((2, 0)), torch.tensor([0.8, 0.7, 0.6]), dets)
+    assert up.keep.tolist() == [0] and up.reported.tolist() == [1] and up.rebound.tolist() == [-1]
+    assert up.births.tolist() == [0] and up.ids.tolist() == [1, 2] and up.visible.tolist() == [True, True]
+    assert up.sources(1).tolist() == [0, 1 + 0], "a matched track carries its own query"
+    assert up.report_sources(1).tolist() == [1 + 1, 1 + 0], "and is reported with the detection's box"
+    # no detection near track 1 for two frames: a miss (kept, hidden), then death at max_age = 2
+    up = tr.update(torch.tensor([0.9, 0.9]), _boxes((3, 0), (60, 60)), torch.tensor([0.9]), _boxes((61, 60)))
+    assert up.visible.tolist() == [False, True] and up.reported.tolist() == [-1, 0]
+    up = tr.update(torch.tensor([0.9, 0.9]), _boxes((3, 0), (60, 60)), torch.tensor([0.9]), _boxes((61, 60)))
+    assert up.ids.tolist() == [2] and up.dead_ids.tolist() == [1]
+
+
+def test_bad_thresholds_and_shapes_raise():
+    with pytest.raises(ValueError, match="keep <= birth"):
+        QueryIoUTracker(birth_threshold=0.3, keep_threshold=0.5)
+    with pytest.raises(ValueError, match="iou_threshold"):
+        QueryIoUTracker(iou_threshold=0.0)
+    with pytest.raises(ValueError, match="live tracks"):
+        QueryIoUTracker().update(torch.zeros(1), torch.zeros(1, 4), *_empty())
+
+
+def _reference(ids, misses, next_id, ts, tb, ds, db, birth, keep_thr, max_age, dup, iou_thr):
+    """Independent re-statement with torchvision's nms / box_iou and scipy on float64 costs."""
+    det = torch.nonzero(ds >= keep_thr).flatten()
+    det = det[nms(db[det], ds[det], dup)] if det.numel() else det
+    match = {}
+    if len(ids) and det.numel():
+        iou = box_iou(tb, db[det]).double().numpy()
+        r, c = linear_sum_assignment(np.where(iou >= np.float32(iou_thr), 1 - iou, 1e6))
+        match = {int(i): int(det[j]) for i, j in zip(r, c) if iou[i, j] >= np.float32(iou_thr)}
+    misses = [0 if i in match else m + 1 for i, m in enumerate(misses)]
+    keep = [i for i in range(len(ids)) if misses[i] < max_age]
+    births = [int(q) for q in det if int(q) not in match.values() and ds[q] >= birth]
+    new_ids = [ids[i] for i in keep] + list(range(next_id, next_id + len(births)))
+    visible = [i in match for i in keep] + [True] * len(births)
+    return (
+        keep,
+        births,
+        new_ids,
+        visible,
+        [match.get(i, -1) for i in keep],
+        [misses[i] for i in keep] + [0] * len(births),
+    )
+
+
+def test_equals_a_torchvision_scipy_reference_on_random_videos():
+    g = torch.Generator().manual_seed(5)
+
+    def rand_boxes(n):
+        xy = torch.rand(n, 2, generator=g) * 80
+        return torch.cat([xy, xy + 8 + torch.rand(n, 2, generator=g) * 20], 1)
+
+    n_matched = 0
+    for trial in range(20):
+        kw = dict(
+            birth_threshold=0.6,
+            keep_threshold=0.3,
+            max_age=1 + trial % 3,
+            duplicate_iou=0.4,
+            iou_threshold=0.3,
+        )
+        tr = QueryIoUTracker(**kw)
+        for _ in range(10):
+            T, Q = len(tr), int(torch.randint(0, 15, (1,), generator=g))
+            ids, misses, next_id = tr.ids.tolist(), tr.misses.tolist(), tr.next_id
+            ts, tb = torch.rand(T, generator=g), rand_boxes(T)
+            ds, db = torch.rand(Q, generator=g), rand_boxes(Q)
+            up = tr.update(ts, tb, ds, db)
+            keep, births, new_ids, visible, reported, new_misses = _reference(
+                ids, misses, next_id, ts, tb, ds, db, *kw.values()
+            )
+            assert up.keep.tolist() == keep and up.births.tolist() == births, trial
+            assert up.ids.tolist() == new_ids and up.visible.tolist() == visible
+            assert up.reported.tolist() == reported and tr.misses.tolist() == new_misses
+            n_matched += sum(r >= 0 for r in reported)
+    assert n_matched > 20, "the random videos must exercise matching"
+
+
+def _tiny_model():
+    cfg = get_tracker_cfg(
+        CONFIG,
+        ["INPUT.MIN_SIZE_TEST", "64", "INPUT.MAX_SIZE_TEST", "96", "MODEL.DEFORMABLE_DETR.NUM_QUERIES", "8"],
+    )
+    torch.manual_seed(int(torch.randint(0, 10**6, (1,))))
+    model = build_model(cfg)
+    model.eval()
+    return model
+
+
+def test_detect_queries_blind_to_tracks_give_the_detectors_outputs():
+    """With QueryIoUTracker the detect queries' outputs equal the detector's (no tracks) and the track
+    queries are still decoded; with RuntimeTracker (MOTR: all queries see each other) they differ."""
+    model = _tiny_model()
+    img = (torch.rand(3, 64, 96) * 255).to(torch.uint8)
+    T_, C = 3, model.hidden_dim
+    tracks = (torch.randn(T_, C), torch.randn(T_, C), torch.rand(T_, 4) * 0.5 + 0.25)
+    with torch.no_grad():
+        images = model.preprocess_image([{"image": img}])
+        alone = model.frame_forward(images, model._empty_tracks())
+        model.tracker = QueryIoUTracker()
+        blind = model.frame_forward(images, tracks)
+        model.tracker = None  # RuntimeTracker's rule (any tracker without detect_sees_tracks = False)
+        seeing = model.frame_forward(images, tracks)
+    for key in ("pred_logits", "pred_boxes", "hs"):
+        torch.testing.assert_close(blind[key][T_:], alone[key], rtol=1e-5, atol=1e-5)
+    assert (seeing["pred_logits"][T_:] - alone["pred_logits"]).abs().max() > 1e-3
+    assert torch.isfinite(blind["pred_boxes"][:T_]).all()
+    assert blind["pred_logits"].shape[0] == T_ + model.num_detect_queries
+
+
+def test_tracking_reports_detections_under_track_ids():
+    """End to end through ``QueryTracker.track`` with a stand-in ``frame_forward``: the track query predicts
+    a box slightly off and scores ~0; the detect query sees the object: it is reported with the detection's
+    box under the track's id, and the track's own query is carried on."""
+    cfg = get_tracker_cfg(
+        CONFIG,
+        ["INPUT.MIN_SIZE_TEST", "64", "INPUT.MAX_SIZE_TEST", "96", "MODEL.DEFORMABLE_DETR.NUM_QUERIES", "8"]
+        + ["MODEL.TRACKER.ASSOCIATION", "QueryIoUTracker"],
+    )
+    model = build_model(cfg)
+    model.eval()
+    assert isinstance(model.tracker, QueryIoUTracker)
+    det_box, track_box = torch.tensor([0.5, 0.5, 0.2, 0.2]), torch.tensor([0.52, 0.5, 0.2, 0.2])
+    outputs = []
+
+    def fake_frame_forward(images, tracks):
+        T_, Q, C = tracks[0].shape[0], model.num_detect_queries, model.hidden_dim
+        logits = torch.full((T_ + Q, model.num_classes), -9.0)
+        logits[T_, 0] = 9.0  # detect query 0 sees the object; the track queries score ~0
+        boxes = torch.cat([track_box.repeat(T_, 1), det_box.repeat(Q, 1)])
+        out = {"pred_logits": logits, "pred_boxes": boxes, "aux_outputs": [], "num_tracks": T_}
+        out.update({k: torch.randn(T_ + Q, C) for k in ("hs", "tgt", "query_pos")})
+        outputs.append(out)
+        return out
+
+    model.frame_forward = fake_frame_forward
+    carried = []
+    model.qim.register_forward_pre_hook(lambda module, args: carried.append(args[0]))
+    img = torch.zeros(3, 64, 96, dtype=torch.uint8)
+    res = [
+        model([{"image": img, "height": 64, "width": 96, "sequence": "a", "frame_idx": i}])[0]["instances"]
+        for i in range(3)
+    ]
+    assert [r.track_ids.tolist() for r in res] == [[1], [1], [1]]
+    expected = torch.tensor([[0.4 * 96, 0.4 * 64, 0.6 * 96, 0.6 * 64]])  # the detection's box, XYXY pixels
+    for r in res:
+        torch.testing.assert_close(r.pred_boxes.tensor, expected)
+    for frame in (1, 2):
+        assert torch.equal(carried[frame], outputs[frame]["hs"][[0]]), "the track's own query is carried"
