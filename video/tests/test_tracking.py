@@ -12,6 +12,7 @@ from ddetr_d2.errors import ConfigError
 from ddetr_video.config import get_tracker_cfg
 from ddetr_video.iou_tracker import IoUTracker
 from ddetr_video.predictor import TrackingPredictor
+from ddetr_video.query_iou_tracker import QueryIoUTracker
 from ddetr_video.runtime_tracker import RuntimeTracker
 from ddetr_video.tracking import TRACKER_REGISTRY, build_tracker
 
@@ -232,3 +233,28 @@ def test_training_clip_and_both_associations_on_cuda():
         for f in _frames(3, np.random.default_rng()):
             inst = predictor(f)
             assert inst.image_size == f.shape[:2] and inst.track_ids.dtype == torch.int64
+
+
+def test_build_query_iou_tracker_and_rebind_option_from_config():
+    assert build_tracker(_cfg()).rebind_missed, "REBIND_MISSED_TRACKS is on by default"
+    assert not build_tracker(_cfg("MODEL.TRACKER.REBIND_MISSED_TRACKS", "False")).rebind_missed
+    tr = build_tracker(
+        _cfg(
+            "MODEL.TRACKER.ASSOCIATION",
+            "QueryIoUTracker",
+            "MODEL.TRACKER.IOU_MATCH_THRESHOLD",
+            "0.45",
+            "MODEL.TRACKER.MAX_AGE",
+            "2",
+            "MODEL.TRACKER.BIRTH_THRESHOLD",
+            "0.6",
+        )
+    )
+    assert type(tr) is QueryIoUTracker and tr.uses_track_queries and not tr.detect_sees_tracks
+    assert (tr.iou_threshold, tr.birth_threshold, tr.keep_threshold, tr.max_age, tr.duplicate_iou) == (
+        0.45,
+        0.6,
+        0.4,
+        2,
+        0.7,
+    )
