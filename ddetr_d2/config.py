@@ -122,10 +122,11 @@ def add_deformable_detr_config(cfg):
     # follows, after loading the weights: one pass over each feature map less, same values up to
     # rounding. Models built for training or --eval-only are not changed.
     _C.INFERENCE_FUSE_BATCHNORM = True
-    # Inference-only models (build_demo_model; never export): torch.compile the encoder layers
-    # (modeling/inference_compile.py). R-50 at 800x1066 on a 2-core AVX2 CPU: whole forward -10 to -15 %,
-    # after ~35-40 s of compiling on the first call (and once more at the first new image size). Off by
-    # default: it pays off after ~60-100 images of one size (a video, a folder of same-size images).
+    # Inference-only models (build_demo_model; never export): torch.compile the backbone and the encoder /
+    # decoder layers (modeling/inference_compile.py). R-50 at 800x1066 on a 2-core AVX2 CPU, one thread:
+    # whole forward -22 % (docs/benchmarks.md), after ~30-70 s of compiling on the first call (and once more
+    # at the first new image size). Off by default: it pays off after ~100-200 images of one size (a video, a
+    # folder of same-size images).
     _C.INFERENCE_COMPILE = False
 
     # optimizer (used by ddetr_d2/solver.py)

@@ -1,6 +1,7 @@
-"""``MODEL.DEFORMABLE_DETR.INFERENCE_COMPILE``: the encoder layers of an inference-only model compiled
-with ``torch.compile`` (Inductor) give the eager model's detections, on two image sizes (the second is
-compiled with dynamic shapes); only when asked; never for a model in training mode; export turns it off."""
+"""``MODEL.DEFORMABLE_DETR.INFERENCE_COMPILE``: the backbone and the encoder / decoder layers of an
+inference-only model compiled with ``torch.compile`` (Inductor) give the eager model's detections, on two
+image sizes (the second is compiled with dynamic shapes); only when asked; never for a model in training
+mode; export turns it off."""
 
 import copy
 import os
@@ -10,18 +11,19 @@ import torch
 from detectron2.modeling import build_model
 from model_testing import ROOT, demo_model_with_random_weights, tiny_cfg
 
-from ddetr_d2.modeling.inference_compile import compile_encoder_layers
+from ddetr_d2.modeling.inference_compile import compile_for_inference, inference_compiled_modules
 
 
 def compiled_layers(model):
-    return [layer for layer in model.transformer.encoder.layers if layer._compiled_call_impl is not None]
+    return [m for m in inference_compiled_modules(model) if m._compiled_call_impl is not None]
 
 
-def test_compiled_encoder_gives_the_eager_detections_on_two_sizes(one_torch_thread):
+def test_compiled_model_gives_the_eager_detections_on_two_sizes(one_torch_thread):
     torch.manual_seed(int(torch.randint(0, 10**6, ())))
     eager = build_model(tiny_cfg(TWO_STAGE=True, WITH_BOX_REFINE=True)).eval()
     compiled = copy.deepcopy(eager)
-    assert compile_encoder_layers(compiled) == len(compiled.transformer.encoder.layers) > 0
+    t = compiled.transformer
+    assert compile_for_inference(compiled) == 1 + len(t.encoder.layers) + len(t.decoder.layers)
     for h, w in ((64, 96), (80, 72)):
         inputs = [{"image": torch.rand(3, h, w) * 255, "height": h, "width": w}]
         with torch.no_grad():
@@ -30,14 +32,14 @@ def test_compiled_encoder_gives_the_eager_detections_on_two_sizes(one_torch_thre
         # fused element-wise loops round differently: same values to float32 noise
         for key in ("pred_logits", "pred_boxes"):
             torch.testing.assert_close(got[key], want[key], rtol=1e-4, atol=1e-4)
-    assert len(compiled_layers(compiled)) == len(compiled.transformer.encoder.layers)
+    assert len(compiled_layers(compiled)) == 1 + len(t.encoder.layers) + len(t.decoder.layers)
     assert compiled_layers(eager) == []
 
 
 def test_compile_refuses_a_training_model():
     model = build_model(tiny_cfg()).train()
     with pytest.raises(ValueError, match="inference-only"):
-        compile_encoder_layers(model)
+        compile_for_inference(model)
     assert compiled_layers(model) == []
 
 

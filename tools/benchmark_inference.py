@@ -8,8 +8,8 @@ run, on the same random weights:
   * ``ours``: ``ImagePredictor`` on our model with the HF weights converted by
     ``ddetr_d2.conversion.convert_hf_state_dict``, float32;
   * ``ours_bf16``: the same with ``MODEL.DEFORMABLE_DETR.INFERENCE_DTYPE bfloat16``;
-  * ``ours_compile``: ``ours`` with ``MODEL.DEFORMABLE_DETR.INFERENCE_COMPILE True`` (encoder layers compiled
-    by ``torch.compile``; the compilation happens in the untimed warm-up run);
+  * ``ours_compile``: ``ours`` with ``MODEL.DEFORMABLE_DETR.INFERENCE_COMPILE True`` (backbone and encoder /
+    decoder layers compiled by ``torch.compile``; the compilation happens in the untimed warm-up run);
   * ``ort_grid_sample`` / ``ort_gather``: the model exported by ``ddetr_d2.export`` and run by
     ``ddetr_d2.export.onnx_predictor.ONNXPredictor`` (onnxruntime CPU), each MSDA formulation.
 

@@ -15,7 +15,7 @@ from detectron2.utils.visualizer import ColorMode, Visualizer
 from ddetr_d2.checkpoint import load_weights_checked
 from ddetr_d2.errors import ConfigError
 from ddetr_d2.modeling.fuse_batchnorm import fuse_batchnorm
-from ddetr_d2.modeling.inference_compile import compile_encoder_layers
+from ddetr_d2.modeling.inference_compile import compile_for_inference
 
 from .io import DemoError
 from .sampling import SamplingRecorder, draw_level_legend, draw_sampling_points
@@ -33,8 +33,8 @@ def build_demo_model(cfg, allow_mismatch=False):
     A config whose model cannot be built raises ``ConfigError``. With
     ``MODEL.DEFORMABLE_DETR.INFERENCE_FUSE_BATCHNORM`` (default) the backbone's batch norms are folded
     into its convolutions (:func:`ddetr_d2.modeling.fuse_batchnorm.fuse_batchnorm`): the model is for
-    inference only. With ``INFERENCE_COMPILE`` its encoder layers are compiled
-    (:func:`ddetr_d2.modeling.inference_compile.compile_encoder_layers`).
+    inference only. With ``INFERENCE_COMPILE`` its backbone and encoder / decoder layers are compiled
+    (:func:`ddetr_d2.modeling.inference_compile.compile_for_inference`).
     """
     try:
         model = build_model(cfg)
@@ -45,7 +45,7 @@ def build_demo_model(cfg, allow_mismatch=False):
     if cfg.MODEL.DEFORMABLE_DETR.get("INFERENCE_FUSE_BATCHNORM", True):
         fuse_batchnorm(model.backbone)  # inference only: one op less per convolution
     if cfg.MODEL.DEFORMABLE_DETR.get("INFERENCE_COMPILE", False):
-        compile_encoder_layers(model)  # compiled on the first call
+        compile_for_inference(model)  # compiled on the first call
     return model
 
 
