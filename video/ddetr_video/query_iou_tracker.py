@@ -29,12 +29,12 @@ import numpy as np
 import torch
 from scipy.optimize import linear_sum_assignment
 
-from .runtime_tracker import TrackerUpdate, _f32, _greedy_nms, pairwise_iou
+from .runtime_tracker import TrackSlots, _f32, _greedy_nms, pairwise_iou
 
 __all__ = ["QueryIoUTracker"]
 
 
-class QueryIoUTracker:
+class QueryIoUTracker(TrackSlots):
     """
     Args:
         birth_threshold: an unmatched detection with score >= this starts a track.
@@ -44,9 +44,8 @@ class QueryIoUTracker:
         iou_threshold: minimum IoU of a track-detection match.
     """
 
-    #: the model carries track queries ...
-    uses_track_queries = True
-    #: ... but the detect queries must not see them (their outputs are the per-frame detector's)
+    #: the model carries track queries (``TrackSlots``), but the detect queries must not see them (their
+    #: outputs are the per-frame detector's)
     detect_sees_tracks = False
 
     def __init__(
@@ -79,16 +78,6 @@ class QueryIoUTracker:
             iou_threshold=tc.IOU_MATCH_THRESHOLD,
         )
 
-    def reset(self):
-        """Forget all tracks (start of a new video). Ids restart at 1."""
-        self.ids = torch.zeros(0, dtype=torch.int64)
-        self.misses = torch.zeros(0, dtype=torch.int64)
-        self.next_id = 1
-        self.dead = set()
-
-    def __len__(self):
-        return int(self.ids.numel())
-
     def update(self, track_scores, track_boxes, det_scores, det_boxes):
         """
         Args:
@@ -101,17 +90,7 @@ class QueryIoUTracker:
             matched detection (-1: not matched, not visible); ``rebound`` is all -1 (a track carries its own
             query).
         """
-        T = len(self)
-        if track_scores.shape != (T,) or track_boxes.shape != (T, 4):
-            raise ValueError(
-                f"expected track_scores ({T},) and track_boxes ({T}, 4) for {T} live tracks, got "
-                f"{tuple(track_scores.shape)} and {tuple(track_boxes.shape)}"
-            )
-        if det_scores.dim() != 1 or det_boxes.shape != (det_scores.shape[0], 4):
-            raise ValueError(
-                f"expected det_scores (Q,) and det_boxes (Q, 4), got {tuple(det_scores.shape)} and "
-                f"{tuple(det_boxes.shape)}"
-            )
+        T = self._check_frame(track_scores, track_boxes, det_scores, det_boxes)
         boxes = torch.cat([track_boxes.detach().float().cpu(), det_boxes.detach().float().cpu()]).numpy()
         iou = pairwise_iou(boxes)
         d_scores = det_scores.detach().float().cpu().tolist()
@@ -133,26 +112,11 @@ class QueryIoUTracker:
 
         # 3) tracks: matched -> shown, others miss; death at the max_age-th consecutive miss
         misses = [0 if i in match else m + 1 for i, m in enumerate(self.misses.tolist())]
-        keep = [i for i in range(T) if misses[i] < self.max_age]
-        ids = self.ids.tolist()
-        dead_ids = [ids[i] for i in range(T) if misses[i] >= self.max_age]
-        self.dead.update(dead_ids)
+        keep = self._survivors(misses)
 
         # 4) births: unmatched detections over the birth threshold, best first
         birth_thr = _f32(self.birth_threshold)
         taken = set(match.values())
         births = [q for q in dets if q not in taken and d_scores[q] >= birth_thr]
 
-        new_ids = list(range(self.next_id, self.next_id + len(births)))
-        self.next_id += len(births)
-        self.ids = torch.tensor([ids[i] for i in keep] + new_ids, dtype=torch.int64)
-        self.misses = torch.tensor([misses[i] for i in keep] + [0] * len(births), dtype=torch.int64)
-        return TrackerUpdate(
-            keep=torch.tensor(keep, dtype=torch.int64),
-            births=torch.tensor(births, dtype=torch.int64),
-            ids=self.ids.clone(),
-            visible=torch.tensor([i in match for i in keep] + [True] * len(births), dtype=torch.bool),
-            dead_ids=torch.tensor(dead_ids, dtype=torch.int64),
-            rebound=torch.full((len(keep),), -1, dtype=torch.int64),
-            reported=torch.tensor([match.get(i, -1) for i in keep], dtype=torch.int64),
-        )
+        return self._commit(keep, misses, births, [i in match for i in keep], reported=match)

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-__all__ = ["RuntimeTracker", "TrackerUpdate", "pairwise_iou"]
+__all__ = ["RuntimeTracker", "TrackSlots", "TrackerUpdate", "pairwise_iou"]
 
 
 @dataclass
@@ -70,7 +70,68 @@ class TrackerUpdate:
         return torch.cat([kept, self.births + num_tracks])
 
 
-class RuntimeTracker:
+class TrackSlots:
+    """Ids and miss counters of the live track slots (one per track query the model carries), shared by the
+    associations that carry track queries (:class:`RuntimeTracker`, ``QueryIoUTracker``). Subclasses set
+    ``max_age`` and decide per frame which slots are matched / kept and which detect queries are born."""
+
+    #: the model must carry track queries (``QueryTracker``); detections alone are not enough
+    uses_track_queries = True
+
+    def reset(self):
+        """Forget all tracks (start of a new video). Ids restart at 1 (MOTChallenge ids are 1-based)."""
+        self.ids = torch.zeros(0, dtype=torch.int64)
+        self.misses = torch.zeros(0, dtype=torch.int64)
+        self.next_id = 1
+        self.dead = set()
+
+    def __len__(self):
+        return int(self.ids.numel())
+
+    def _check_frame(self, track_scores, track_boxes, det_scores, det_boxes):
+        """Raise ValueError unless the shapes fit ``len(self)`` track slots; returns that number."""
+        T = len(self)
+        if track_scores.shape != (T,) or track_boxes.shape != (T, 4):
+            raise ValueError(
+                f"expected track_scores ({T},) and track_boxes ({T}, 4) for {T} live tracks, got "
+                f"{tuple(track_scores.shape)} and {tuple(track_boxes.shape)}"
+            )
+        if det_scores.dim() != 1 or det_boxes.shape != (det_scores.shape[0], 4):
+            raise ValueError(
+                f"expected det_scores (Q,) and det_boxes (Q, 4), got {tuple(det_scores.shape)} and "
+                f"{tuple(det_boxes.shape)}"
+            )
+        return T
+
+    def _survivors(self, misses):
+        """Slots whose consecutive misses (this frame included) stay under ``max_age``."""
+        return [i for i, m in enumerate(misses) if m < self.max_age]
+
+    def _commit(self, keep, misses, births, visible, rebound=None, reported=None):
+        """Apply one frame's decisions and return its :class:`TrackerUpdate`: ``keep`` (slots, in order),
+        ``misses`` (per old slot, this frame included), ``births`` (detect queries, in order), ``visible``
+        (per kept slot), ``rebound`` / ``reported`` ({kept slot: detect query}); the other slots die."""
+        ids = self.ids.tolist()
+        kept = set(keep)
+        dead_ids = [ids[i] for i in range(len(ids)) if i not in kept]
+        self.dead.update(dead_ids)
+        new_ids = list(range(self.next_id, self.next_id + len(births)))
+        self.next_id += len(births)
+        self.ids = torch.tensor([ids[i] for i in keep] + new_ids, dtype=torch.int64)
+        self.misses = torch.tensor([misses[i] for i in keep] + [0] * len(births), dtype=torch.int64)
+        rebound, reported = rebound or {}, reported or {}
+        return TrackerUpdate(
+            keep=torch.tensor(keep, dtype=torch.int64),
+            births=torch.tensor(births, dtype=torch.int64),
+            ids=self.ids.clone(),
+            visible=torch.tensor(list(visible) + [True] * len(births), dtype=torch.bool),
+            dead_ids=torch.tensor(dead_ids, dtype=torch.int64),
+            rebound=torch.tensor([rebound.get(i, -1) for i in keep], dtype=torch.int64),
+            reported=torch.tensor([reported.get(i, -1) for i in keep], dtype=torch.int64),
+        )
+
+
+class RuntimeTracker(TrackSlots):
     """
     Query-propagation association: the model carries one track query per live track (``QueryTracker``).
 
@@ -110,9 +171,6 @@ class RuntimeTracker:
         self.rebind_missed = bool(rebind_missed)
         self.reset()
 
-    #: the model must carry track queries (``QueryTracker``); detections alone are not enough
-    uses_track_queries = True
-
     @classmethod
     def from_config(cls, cfg):
         tc = cfg.MODEL.TRACKER
@@ -125,16 +183,6 @@ class RuntimeTracker:
             rebind_missed=tc.REBIND_MISSED_TRACKS,
         )
 
-    def reset(self):
-        """Forget all tracks (start of a new video). Ids restart at 1 (MOTChallenge ids are 1-based)."""
-        self.ids = torch.zeros(0, dtype=torch.int64)
-        self.misses = torch.zeros(0, dtype=torch.int64)
-        self.next_id = 1
-        self.dead = set()
-
-    def __len__(self):
-        return int(self.ids.numel())
-
     def update(self, track_scores, track_boxes, det_scores, det_boxes):
         """
         Args:
@@ -145,17 +193,7 @@ class RuntimeTracker:
         Returns:
             :class:`TrackerUpdate`; ``self`` now holds the new slot order.
         """
-        T = len(self)
-        if track_scores.shape != (T,) or track_boxes.shape != (T, 4):
-            raise ValueError(
-                f"expected track_scores ({T},) and track_boxes ({T}, 4) for {T} live tracks, got "
-                f"{tuple(track_scores.shape)} and {tuple(track_boxes.shape)}"
-            )
-        if det_scores.dim() != 1 or det_boxes.shape != (det_scores.shape[0], 4):
-            raise ValueError(
-                f"expected det_scores (Q,) and det_boxes (Q, 4), got {tuple(det_scores.shape)} and "
-                f"{tuple(det_boxes.shape)}"
-            )
+        T = self._check_frame(track_scores, track_boxes, det_scores, det_boxes)
         track_boxes = track_boxes.detach().float().cpu()
         det_boxes = det_boxes.detach().float().cpu()
         # A frame has tens of boxes: the bookkeeping runs on Python lists (a tensor op per box costs more
@@ -201,10 +239,7 @@ class RuntimeTracker:
             for i in rebound:
                 hit[i], misses[i] = True, 0
 
-        keep = [i for i in range(T) if misses[i] < self.max_age]
-        ids = self.ids.tolist()
-        dead_ids = [ids[i] for i in range(T) if misses[i] >= self.max_age]
-        self.dead.update(dead_ids)
+        keep = self._survivors(misses)
 
         # 3) births: threshold, then suppress overlaps with live tracks (a re-bound track: its old box and
         # its detection's) and with better births
@@ -213,19 +248,7 @@ class RuntimeTracker:
         cand = [q for q in cand if q not in taken and not any(iou[T + q][k] > dup_thr for k in blockers)]
         births = _greedy_nms(cand, [[iou[T + q][T + r] for r in cand] for q in cand], self.duplicate_iou)
 
-        new_ids = list(range(self.next_id, self.next_id + len(births)))
-        self.next_id += len(births)
-        self.ids = torch.tensor([ids[i] for i in keep] + new_ids, dtype=torch.int64)
-        self.misses = torch.tensor([misses[i] for i in keep] + [0] * len(births), dtype=torch.int64)
-        return TrackerUpdate(
-            keep=torch.tensor(keep, dtype=torch.int64),
-            births=torch.tensor(births, dtype=torch.int64),
-            ids=self.ids.clone(),
-            visible=torch.tensor([hit[i] for i in keep] + [True] * len(births), dtype=torch.bool),
-            dead_ids=torch.tensor(dead_ids, dtype=torch.int64),
-            rebound=torch.tensor([rebound.get(i, -1) for i in keep], dtype=torch.int64),
-            reported=torch.tensor([rebound.get(i, -1) for i in keep], dtype=torch.int64),
-        )
+        return self._commit(keep, misses, births, [hit[i] for i in keep], rebound, rebound)
 
 
 def pairwise_iou(boxes):

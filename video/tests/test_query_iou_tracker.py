@@ -8,6 +8,7 @@ import torch
 from detectron2.modeling import build_model
 from scipy.optimize import linear_sum_assignment
 from torchvision.ops import box_iou, nms
+from tracking_testing import FadingTrackStandIn, random_boxes
 
 from ddetr_video.config import get_tracker_cfg
 from ddetr_video.query_iou_tracker import QueryIoUTracker
@@ -81,10 +82,6 @@ def _reference(ids, misses, next_id, ts, tb, ds, db, birth, keep_thr, max_age, d
 def test_equals_a_torchvision_scipy_reference_on_random_videos():
     g = torch.Generator().manual_seed(5)
 
-    def rand_boxes(n):
-        xy = torch.rand(n, 2, generator=g) * 80
-        return torch.cat([xy, xy + 8 + torch.rand(n, 2, generator=g) * 20], 1)
-
     n_matched = 0
     for trial in range(20):
         kw = dict(
@@ -98,8 +95,8 @@ def test_equals_a_torchvision_scipy_reference_on_random_videos():
         for _ in range(10):
             T, Q = len(tr), int(torch.randint(0, 15, (1,), generator=g))
             ids, misses, next_id = tr.ids.tolist(), tr.misses.tolist(), tr.next_id
-            ts, tb = torch.rand(T, generator=g), rand_boxes(T)
-            ds, db = torch.rand(Q, generator=g), rand_boxes(Q)
+            ts, tb = torch.rand(T, generator=g), random_boxes(g, T, 80.0)
+            ds, db = torch.rand(Q, generator=g), random_boxes(g, Q, 80.0)
             up = tr.update(ts, tb, ds, db)
             keep, births, new_ids, visible, reported, new_misses = _reference(
                 ids, misses, next_id, ts, tb, ds, db, *kw.values()
@@ -155,20 +152,7 @@ def test_tracking_reports_detections_under_track_ids():
     model = build_model(cfg)
     model.eval()
     assert isinstance(model.tracker, QueryIoUTracker)
-    det_box, track_box = torch.tensor([0.5, 0.5, 0.2, 0.2]), torch.tensor([0.52, 0.5, 0.2, 0.2])
-    outputs = []
-
-    def fake_frame_forward(images, tracks):
-        T_, Q, C = tracks[0].shape[0], model.num_detect_queries, model.hidden_dim
-        logits = torch.full((T_ + Q, model.num_classes), -9.0)
-        logits[T_, 0] = 9.0  # detect query 0 sees the object; the track queries score ~0
-        boxes = torch.cat([track_box.repeat(T_, 1), det_box.repeat(Q, 1)])
-        out = {"pred_logits": logits, "pred_boxes": boxes, "aux_outputs": [], "num_tracks": T_}
-        out.update({k: torch.randn(T_ + Q, C) for k in ("hs", "tgt", "query_pos")})
-        outputs.append(out)
-        return out
-
-    model.frame_forward = fake_frame_forward
+    model.frame_forward = stand_in = FadingTrackStandIn(model, [0.5, 0.5, 0.2, 0.2], [0.52, 0.5, 0.2, 0.2])
     carried = []
     model.qim.register_forward_pre_hook(lambda module, args: carried.append(args[0]))
     img = torch.zeros(3, 64, 96, dtype=torch.uint8)
@@ -181,4 +165,6 @@ def test_tracking_reports_detections_under_track_ids():
     for r in res:
         torch.testing.assert_close(r.pred_boxes.tensor, expected)
     for frame in (1, 2):
-        assert torch.equal(carried[frame], outputs[frame]["hs"][[0]]), "the track's own query is carried"
+        assert torch.equal(carried[frame], stand_in.outputs[frame]["hs"][[0]]), (
+            "the track's own query is carried"
+        )

@@ -10,6 +10,7 @@ from detectron2.data import DatasetCatalog
 from detectron2.data import transforms as T
 from detectron2.modeling import build_model
 from detectron2.structures import BoxMode
+from tracking_testing import FadingTrackStandIn
 
 from ddetr_d2.solver import build_optimizer
 from ddetr_video.clip_mapper import ClipDatasetMapper, sample_clip_indices
@@ -262,38 +263,12 @@ def test_track_and_detect_query_groups_give_the_same_outputs_as_one_concatenated
         assert torch.equal(layer["pred_logits"], a[0]) and torch.equal(layer["pred_boxes"], b[0])
 
 
-class _FadingTrack:
-    """Stand-in for ``frame_forward``: detect query 0 sees one object at ``box`` every frame (score ~1, the
-    other detect queries ~0); a track query scores ~0 from frame 2 on (its query lost the object)."""
-
-    def __init__(self, model, box):
-        self.model, self.box, self.outputs = model, torch.tensor(box), []
-
-    def __call__(self, images, tracks):
-        m = self.model
-        T_, Q, C = tracks[0].shape[0], m.num_detect_queries, m.hidden_dim
-        logits = torch.full((T_ + Q, m.num_classes), -9.0)
-        logits[T_, 0] = 9.0
-        boxes = torch.cat([tracks[2], self.box[None].repeat(Q, 1)])
-        out = {
-            "pred_logits": logits,
-            "pred_boxes": boxes,
-            "aux_outputs": [],
-            "hs": torch.randn(T_ + Q, C),
-            "tgt": torch.randn(T_ + Q, C),
-            "query_pos": torch.randn(T_ + Q, C),
-            "num_tracks": T_,
-        }
-        self.outputs.append(out)
-        return out
-
-
 @pytest.mark.parametrize("rebind", [False, True])
 def test_rebound_track_carries_the_detect_query(rebind):
     cfg = _cfg("MODEL.TRACKER.REBIND_MISSED_TRACKS", str(rebind), "MODEL.TRACKER.MAX_AGE", "5")
     model = build_model(cfg)
     model.eval()
-    model.frame_forward = fake = _FadingTrack(model, [0.5, 0.5, 0.2, 0.2])
+    model.frame_forward = fake = FadingTrackStandIn(model, [0.5, 0.5, 0.2, 0.2])
     carried = []
     model.qim.register_forward_pre_hook(lambda module, args: carried.append(args[0]))
     img = torch.zeros(3, 64, 96, dtype=torch.uint8)

@@ -2,6 +2,7 @@
 
 import torch
 from torchvision.ops import box_iou, nms
+from tracking_testing import random_boxes
 
 from ddetr_video.runtime_tracker import RuntimeTracker, pairwise_iou
 
@@ -147,18 +148,14 @@ def test_births_and_track_duplicates_equal_torchvision_nms_on_random_frames():
     kept tracks against a brute-force check."""
     g = torch.Generator().manual_seed(1)
 
-    def rand_boxes(n):
-        xy = torch.rand(n, 2, generator=g) * 60
-        return torch.cat([xy, xy + 8 + torch.rand(n, 2, generator=g) * 20], 1)
-
     for trial in range(40):
         T, Q = int(torch.randint(0, 12, (1,), generator=g)), int(torch.randint(0, 25, (1,), generator=g))
         tr = RuntimeTracker(
             0.3, 0.25, max_age=3, duplicate_iou=0.2 + 0.05 * (trial % 10), track_duplicate_iou=0.4
         )
         tr.ids, tr.misses, tr.next_id = torch.arange(1, T + 1), torch.zeros(T, dtype=torch.int64), T + 1
-        ts, tb = torch.rand(T, generator=g), rand_boxes(T)
-        ds, db = torch.rand(Q, generator=g), rand_boxes(Q)
+        ts, tb = torch.rand(T, generator=g), random_boxes(g, T)
+        ds, db = torch.rand(Q, generator=g), random_boxes(g, Q)
         up = tr.update(ts, tb, ds, db)
 
         visible = torch.nonzero(ts >= 0.25).flatten()
@@ -245,10 +242,6 @@ def test_rebind_invariants_on_random_frames():
     re-bind, the same update as without the option."""
     g = torch.Generator().manual_seed(4)
 
-    def rand_boxes(n):
-        xy = torch.rand(n, 2, generator=g) * 60
-        return torch.cat([xy, xy + 8 + torch.rand(n, 2, generator=g) * 20], 1)
-
     n_rebound = 0
     for trial in range(60):
         T, Q = int(torch.randint(0, 10, (1,), generator=g)), int(torch.randint(0, 20, (1,), generator=g))
@@ -257,8 +250,8 @@ def test_rebind_invariants_on_random_frames():
         misses = torch.randint(0, 2, (T,), generator=g)
         for tr in (on, off):
             tr.ids, tr.misses, tr.next_id = torch.arange(1, T + 1), misses.clone(), T + 1
-        ts, tb = torch.rand(T, generator=g), rand_boxes(T)
-        ds, db = torch.rand(Q, generator=g), rand_boxes(Q)
+        ts, tb = torch.rand(T, generator=g), random_boxes(g, T)
+        ds, db = torch.rand(Q, generator=g), random_boxes(g, Q)
         up, ref = on.update(ts, tb, ds, db), off.update(ts, tb, ds, db)
         thr = on.duplicate_iou
         shown = tb[ts >= 0.5]
