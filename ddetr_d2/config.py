@@ -123,10 +123,10 @@ def add_deformable_detr_config(cfg):
     # rounding. Models built for training or --eval-only are not changed.
     _C.INFERENCE_FUSE_BATCHNORM = True
     # Inference-only models (build_demo_model; never export): torch.compile the backbone and the encoder /
-    # decoder layers (modeling/inference_compile.py). R-50 at 800x1066 on a 2-core AVX2 CPU, one thread:
-    # whole forward -22 % (docs/benchmarks.md), after ~30-70 s of compiling on the first call (and once more
-    # at the first new image size). Off by default: it pays off after ~100-200 images of one size (a video, a
-    # folder of same-size images).
+    # decoder layers (modeling/inference_compile.py). R-50 at 800x1066 on a 2-core AVX2 CPU: whole forward
+    # -22 % with one thread, -10 to -15 % with two (docs/benchmarks.md), after ~15-70 s of compiling on the
+    # first call (and once more at the first new image size). Off by default: it pays off after ~100-200
+    # images of one size (a video, a folder of same-size images).
     _C.INFERENCE_COMPILE = False
 
     # optimizer (used by ddetr_d2/solver.py)

@@ -6,9 +6,10 @@ Besides its matrix products and convolutions, a CPU forward spends its time in e
 LayerNorm, ReLU, the sampling-location arithmetic, bias copies), after each convolution in the backbone (ReLU,
 residual adds), and in many small ops per decoder layer. TorchInductor fuses them into fewer loops. The
 deformable sampling itself stays the compiled C++/CUDA kernel (Dynamo breaks the graph around it).
-Measured on a 2-core AVX2 CPU (docs/benchmarks.md): R-50 forward at 800x1066, one thread, -6 % with the
-encoder layers compiled, -14 % with the backbone too, -22 % with the decoder layers too; the first call spends
-~30-70 s compiling (again once for the first new image size, which is then compiled with dynamic shapes).
+Measured on a 2-core AVX2 CPU (docs/benchmarks.md; A/B in one process), R-50 forward at 800x1066: with one
+thread -6 % with the encoder layers compiled, -22 % with the backbone and decoder layers too; with two threads
+-10 to -15 % either way (within noise of each other). The first call spends ~15-70 s compiling (again once for
+the first new image size, which is then compiled with dynamic shapes).
 
 Inference only: a model in training mode is refused (compiled modules would be compiled again for the
 backward, and training outputs are not what was measured). Export (``tools/export_model.py``) never compiles:
