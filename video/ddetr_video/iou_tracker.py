@@ -28,7 +28,7 @@ from typing import List
 import numpy as np
 from scipy.optimize import linear_sum_assignment
 
-__all__ = ["Track", "IoUTracker", "box_iou_xyxy", "assign_track_ids"]
+__all__ = ["Track", "IoUTracker", "box_iou_xyxy", "assign_track_ids", "iou_matches"]
 
 
 def box_iou_xyxy(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -42,6 +42,17 @@ def box_iou_xyxy(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     area_b = np.clip(b[:, 2] - b[:, 0], 0, None) * np.clip(b[:, 3] - b[:, 1], 0, None)
     union = area_a[:, None] + area_b[None] - inter
     return np.where(union > 0, inter / np.where(union > 0, union, 1.0), 0.0)
+
+
+def iou_matches(iou: np.ndarray, threshold: float):
+    """Hungarian assignment on ``1 - iou`` ((N, M) float64), pairs with ``iou < threshold`` rejected.
+
+    Invalid pairs get a prohibitive cost, so the assignment first maximises the number of valid matches.
+    Returns the valid (row, column) pairs, by row.
+    """
+    ok = iou >= threshold
+    rows, cols = linear_sum_assignment(np.where(ok, 1.0 - iou, 1e6))
+    return [(int(r), int(c)) for r, c in zip(rows, cols) if ok[r, c]]
 
 
 @dataclass
@@ -143,16 +154,12 @@ class IoUTracker:
             if self.class_aware:
                 tcls = np.array([t.cls for t in self.tracks])
                 iou = np.where(tcls[:, None] == classes[cand][None, :], iou, 0.0)
-            # invalid pairs get a prohibitive cost: the assignment first maximises the number of valid matches
-            cost = np.where(iou >= self.iou_threshold, 1.0 - iou, 1e6)
-            rows, cols = linear_sum_assignment(cost)
-            for r, c in zip(rows, cols):
-                if iou[r, c] >= self.iou_threshold:
-                    t, d = self.tracks[r], cand[c]
-                    t.box, t.score, t.cls, t.age = boxes[d].copy(), float(scores[d]), int(classes[d]), 0
-                    t.hits += 1
-                    ids[d] = t.track_id
-                    matched_tracks.add(r)
+            for r, c in iou_matches(iou, self.iou_threshold):
+                t, d = self.tracks[r], cand[c]
+                t.box, t.score, t.cls, t.age = boxes[d].copy(), float(scores[d]), int(classes[d]), 0
+                t.hits += 1
+                ids[d] = t.track_id
+                matched_tracks.add(r)
         survivors = []
         for i, t in enumerate(self.tracks):
             if i not in matched_tracks:

@@ -27,8 +27,8 @@ detector's.
 
 import numpy as np
 import torch
-from scipy.optimize import linear_sum_assignment
 
+from .iou_tracker import iou_matches
 from .runtime_tracker import TrackSlots, _f32, _greedy_nms, pairwise_iou
 
 __all__ = ["QueryIoUTracker"]
@@ -106,9 +106,7 @@ class QueryIoUTracker(TrackSlots):
         match = {}  # track slot -> detect query
         if T and dets:
             pair_iou = np.nan_to_num(iou[:T, T:][:, dets].astype(np.float64), nan=0.0)
-            ok = pair_iou >= _f32(self.iou_threshold)
-            rows, cols = linear_sum_assignment(np.where(ok, 1.0 - pair_iou, 1e6))
-            match = {int(r): dets[c] for r, c in zip(rows, cols) if ok[r, c]}
+            match = {r: dets[c] for r, c in iou_matches(pair_iou, _f32(self.iou_threshold))}
 
         # 3) tracks: matched -> shown, others miss; death at the max_age-th consecutive miss
         misses = [0 if i in match else m + 1 for i, m in enumerate(self.misses.tolist())]
