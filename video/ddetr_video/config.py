@@ -25,6 +25,9 @@ def add_tracker_config(cfg):
     # detections before association)
     cfg.MODEL.TRACKER.DUPLICATE_IOU = 0.7
     cfg.MODEL.TRACKER.IOU_MATCH_THRESHOLD = 0.3  # IoUTracker: minimum IoU of a track-detection match
+    # QueryIoUTracker: match the tracks in rounds by consecutive misses, 0 first (DeepSORT's matching cascade)
+    # instead of one Hungarian assignment over all tracks
+    cfg.MODEL.TRACKER.MATCH_CASCADE = False
     cfg.MODEL.TRACKER.IOU_CLASS_AWARE = False  # IoUTracker: only match tracks and detections of one class
     # RuntimeTracker, not in MOTR (False = MOTR): a would-be birth overlapping a track missed this frame
     # (IoU > DUPLICATE_IOU) and no visible track takes over that track (its query, same id, shown) instead of

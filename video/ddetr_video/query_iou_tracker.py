@@ -8,9 +8,13 @@ Per frame (:meth:`QueryIoUTracker.update`):
 
 1. detections: detect queries with score >= ``keep_threshold``, class-agnostic greedy NMS at
    ``duplicate_iou`` (as the IoU baseline's ``associate_detections``);
-2. Hungarian assignment (``scipy.optimize.linear_sum_assignment``) between every live track and the
+2. Hungarian assignment (``scipy.optimize.linear_sum_assignment``) between the live tracks and the
    detections on ``1 - IoU(track query's box this frame, detection)``, pairs under ``iou_threshold``
-   rejected;
+   rejected. With ``match_cascade`` (DeepSORT's matching cascade) the tracks are matched in rounds by
+   their consecutive misses before this frame (0 first, i.e. the tracks matched last frame), each round on
+   the detections the earlier rounds left; without it, one assignment over all tracks. The cascade keeps a
+   track that lost its object (its query drifting onto a neighbour, or two queries on one object) from
+   taking a detection that a track matched last frame explains;
 3. a matched track is reported with the detection's box and score, keeps its id and carries **its own**
    query on (identity stays with the track query); its miss counter resets;
 4. an unmatched track misses the frame (not reported, still carried) and dies at its ``max_age``-th
@@ -42,6 +46,7 @@ class QueryIoUTracker(TrackSlots):
         max_age: a track dies at its ``max_age``-th consecutive frame without a matched detection.
         duplicate_iou: class-agnostic NMS IoU among the detections.
         iou_threshold: minimum IoU of a track-detection match.
+        match_cascade: match the tracks in rounds by consecutive misses (0 first), not in one assignment.
     """
 
     #: the model carries track queries (``TrackSlots``), but the detect queries must not see them (their
@@ -49,7 +54,13 @@ class QueryIoUTracker(TrackSlots):
     detect_sees_tracks = False
 
     def __init__(
-        self, birth_threshold=0.5, keep_threshold=0.4, max_age=5, duplicate_iou=0.7, iou_threshold=0.3
+        self,
+        birth_threshold=0.5,
+        keep_threshold=0.4,
+        max_age=5,
+        duplicate_iou=0.7,
+        iou_threshold=0.3,
+        match_cascade=False,
     ):
         if not 0.0 <= keep_threshold <= birth_threshold <= 1.0:
             raise ValueError(
@@ -65,6 +76,7 @@ class QueryIoUTracker(TrackSlots):
         self.max_age = int(max_age)
         self.duplicate_iou = float(duplicate_iou)
         self.iou_threshold = float(iou_threshold)
+        self.match_cascade = bool(match_cascade)
         self.reset()
 
     @classmethod
@@ -76,6 +88,7 @@ class QueryIoUTracker(TrackSlots):
             max_age=tc.MAX_AGE,
             duplicate_iou=tc.DUPLICATE_IOU,
             iou_threshold=tc.IOU_MATCH_THRESHOLD,
+            match_cascade=tc.MATCH_CASCADE,
         )
 
     def update(self, track_scores, track_boxes, det_scores, det_boxes):
@@ -106,7 +119,17 @@ class QueryIoUTracker(TrackSlots):
         match = {}  # track slot -> detect query
         if T and dets:
             pair_iou = np.nan_to_num(iou[:T, T:][:, dets].astype(np.float64), nan=0.0)
-            match = {r: dets[c] for r, c in iou_matches(pair_iou, _f32(self.iou_threshold))}
+            misses = self.misses.numpy()
+            rounds = [np.flatnonzero(misses == m) for m in np.unique(misses)] if self.match_cascade else [
+                np.arange(T)
+            ]
+            free = np.arange(len(dets))  # columns of pair_iou not taken by an earlier round
+            for rows in rounds:
+                if free.size == 0:
+                    break
+                pairs = iou_matches(pair_iou[np.ix_(rows, free)], _f32(self.iou_threshold))
+                match.update({int(rows[r]): dets[free[c]] for r, c in pairs})
+                free = np.delete(free, [c for _, c in pairs])
 
         # 3) tracks: matched -> shown, others miss; death at the max_age-th consecutive miss
         misses = [0 if i in match else m + 1 for i, m in enumerate(self.misses.tolist())]

@@ -46,6 +46,26 @@ def test_matched_track_reports_the_detection_and_keeps_its_id():
     assert up.ids.tolist() == [2] and up.dead_ids.tolist() == [1]
 
 
+def test_match_cascade_serves_the_track_matched_last_frame_first():
+    """Track 1 was matched last frame, track 2 missed it. One detection overlaps both, track 2's box more:
+    one Hungarian step gives it to track 2; the cascade to track 1 (its first round: tracks with no miss)."""
+    decided = {}
+    for cascade in (False, True):
+        tr = QueryIoUTracker(
+            birth_threshold=0.5, keep_threshold=0.3, max_age=3, iou_threshold=0.3, match_cascade=cascade
+        )
+        tr.update(*_empty(), torch.tensor([0.9, 0.8]), _boxes((0, 0), (40, 0)))
+        # frame 2: track 1 matched, track 2 missed (no detection near it)
+        up = tr.update(torch.ones(2), _boxes((0, 0), (40, 0)), torch.tensor([0.9]), _boxes((1, 0)))
+        assert up.reported.tolist() == [0, -1] and tr.misses.tolist() == [0, 1]
+        # frame 3: the detection at x=5 has IoU 1/3 with track 1's box (x=0), 9/11 with track 2's (x=4)
+        up = tr.update(torch.ones(2), _boxes((0, 0), (4, 0)), torch.tensor([0.45]), _boxes((5, 0)))
+        decided[cascade] = up.reported.tolist()
+        assert up.births.tolist() == []
+    assert decided[False] == [-1, 0], "one step: the higher IoU wins, track 1 misses"
+    assert decided[True] == [0, -1], "cascade: track 1 (matched last frame) first"
+
+
 def test_bad_thresholds_and_shapes_raise():
     with pytest.raises(ValueError, match="keep <= birth"):
         QueryIoUTracker(birth_threshold=0.3, keep_threshold=0.5)
@@ -55,15 +75,22 @@ def test_bad_thresholds_and_shapes_raise():
         QueryIoUTracker().update(torch.zeros(1), torch.zeros(1, 4), *_empty())
 
 
-def _reference(ids, misses, next_id, ts, tb, ds, db, birth, keep_thr, max_age, dup, iou_thr):
-    """Independent re-statement with torchvision's nms / box_iou and scipy on float64 costs."""
+def _reference(ids, misses, next_id, ts, tb, ds, db, birth, keep_thr, max_age, dup, iou_thr, cascade):
+    """Independent re-statement with torchvision's nms / box_iou and scipy on float64 costs; ``cascade``:
+    one scipy assignment per group of tracks with equal misses (fewest first) on the detections left."""
     det = torch.nonzero(ds >= keep_thr).flatten()
     det = det[nms(db[det], ds[det], dup)] if det.numel() else det
     match = {}
     if len(ids) and det.numel():
         iou = box_iou(tb, db[det]).double().numpy()
-        r, c = linear_sum_assignment(np.where(iou >= np.float32(iou_thr), 1 - iou, 1e6))
-        match = {int(i): int(det[j]) for i, j in zip(r, c) if iou[i, j] >= np.float32(iou_thr)}
+        groups = [[i for i in range(len(ids)) if misses[i] == m] for m in sorted(set(misses))]
+        for rows in groups if cascade else [list(range(len(ids)))]:
+            cols = [j for j in range(len(det)) if int(det[j]) not in match.values()]
+            sub = iou[np.ix_(rows, cols)]
+            r, c = linear_sum_assignment(np.where(sub >= np.float32(iou_thr), 1 - sub, 1e6))
+            match.update(
+                {rows[i]: int(det[cols[j]]) for i, j in zip(r, c) if sub[i, j] >= np.float32(iou_thr)}
+            )
     misses = [0 if i in match else m + 1 for i, m in enumerate(misses)]
     keep = [i for i in range(len(ids)) if misses[i] < max_age]
     births = [int(q) for q in det if int(q) not in match.values() and ds[q] >= birth]
@@ -79,10 +106,11 @@ def _reference(ids, misses, next_id, ts, tb, ds, db, birth, keep_thr, max_age, d
     )
 
 
-def test_equals_a_torchvision_scipy_reference_on_random_videos():
-    g = torch.Generator().manual_seed(5)
+@pytest.mark.parametrize("cascade", [False, True])
+def test_equals_a_torchvision_scipy_reference_on_random_videos(cascade):
+    g = torch.Generator().manual_seed(int(torch.randint(0, 10**6, (1,))))
 
-    n_matched = 0
+    n_matched = n_later_rounds = 0
     for trial in range(20):
         kw = dict(
             birth_threshold=0.6,
@@ -90,6 +118,7 @@ def test_equals_a_torchvision_scipy_reference_on_random_videos():
             max_age=1 + trial % 3,
             duplicate_iou=0.4,
             iou_threshold=0.3,
+            match_cascade=cascade,
         )
         tr = QueryIoUTracker(**kw)
         for _ in range(10):
@@ -105,7 +134,9 @@ def test_equals_a_torchvision_scipy_reference_on_random_videos():
             assert up.ids.tolist() == new_ids and up.visible.tolist() == visible
             assert up.reported.tolist() == reported and tr.misses.tolist() == new_misses
             n_matched += sum(r >= 0 for r in reported)
+            n_later_rounds += sum(r >= 0 and misses[i] > 0 for i, r in zip(keep, reported))
     assert n_matched > 20, "the random videos must exercise matching"
+    assert n_later_rounds > 5, "and matches of tracks missed before (the cascade's later rounds)"
 
 
 def _tiny_model():
