@@ -120,9 +120,11 @@ class QueryIoUTracker(TrackSlots):
         if T and dets:
             pair_iou = np.nan_to_num(iou[:T, T:][:, dets].astype(np.float64), nan=0.0)
             misses = self.misses.numpy()
-            rounds = [np.flatnonzero(misses == m) for m in np.unique(misses)] if self.match_cascade else [
-                np.arange(T)
-            ]
+            rounds = (
+                [np.flatnonzero(misses == m) for m in np.unique(misses)]
+                if self.match_cascade
+                else [np.arange(T)]
+            )
             free = np.arange(len(dets))  # columns of pair_iou not taken by an earlier round
             for rows in rounds:
                 if free.size == 0:
