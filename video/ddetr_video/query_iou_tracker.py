@@ -119,9 +119,9 @@ class QueryIoUTracker(TrackSlots):
         match = {}  # track slot -> detect query
         if T and dets:
             pair_iou = np.nan_to_num(iou[:T, T:][:, dets].astype(np.float64), nan=0.0)
-            misses = self.misses.numpy()
+            prior = self.misses.numpy()  # consecutive misses before this frame
             rounds = (
-                [np.flatnonzero(misses == m) for m in np.unique(misses)]
+                [np.flatnonzero(prior == m) for m in np.unique(prior)]
                 if self.match_cascade
                 else [np.arange(T)]
             )
