@@ -248,9 +248,12 @@ def test_build_query_iou_tracker_and_rebind_option_from_config():
             "2",
             "MODEL.TRACKER.BIRTH_THRESHOLD",
             "0.6",
+            "MODEL.TRACKER.MATCH_CASCADE",
+            "True",
         )
     )
     assert type(tr) is QueryIoUTracker and tr.uses_track_queries and not tr.detect_sees_tracks
+    assert tr.match_cascade, "MODEL.TRACKER.MATCH_CASCADE reaches the tracker"
     assert (tr.iou_threshold, tr.birth_threshold, tr.keep_threshold, tr.max_age, tr.duplicate_iou) == (
         0.45,
         0.6,
