@@ -126,10 +126,11 @@ class QueryIoUTracker(TrackSlots):
                 else [np.arange(T)]
             )
             free = np.arange(len(dets))  # columns of pair_iou not taken by an earlier round
+            iou_thr = _f32(self.iou_threshold)
             for rows in rounds:
                 if free.size == 0:
                     break
-                pairs = iou_matches(pair_iou[np.ix_(rows, free)], _f32(self.iou_threshold))
+                pairs = iou_matches(pair_iou[np.ix_(rows, free)], iou_thr)
                 match.update({int(rows[r]): dets[free[c]] for r, c in pairs})
                 free = np.delete(free, [c for _, c in pairs])
 
