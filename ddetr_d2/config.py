@@ -128,6 +128,10 @@ def add_deformable_detr_config(cfg):
     # first call (and once more at the first new image size). Off by default: it pays off after ~100-200
     # images of one size (a video, a folder of same-size images).
     _C.INFERENCE_COMPILE = False
+    # With INFERENCE_COMPILE: Inductor's weight freezing (weights become constants of the compiled graph,
+    # pre-packed once for oneDNN; read at the first call, so they must not change afterwards). Two cores of
+    # an AMX Xeon, bfloat16, R-50 at 800x1066: 1.71 s -> 1.10-1.25 s per image (docs/benchmarks.md).
+    _C.INFERENCE_COMPILE_FREEZING = True
 
     # optimizer (used by ddetr_d2/solver.py)
     cfg.SOLVER.OPTIMIZER = "ADAMW"

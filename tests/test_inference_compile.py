@@ -1,7 +1,8 @@
 """``MODEL.DEFORMABLE_DETR.INFERENCE_COMPILE``: the backbone and the encoder / decoder layers of an
 inference-only model compiled with ``torch.compile`` (Inductor) give the eager model's detections, on two
-image sizes (the second is compiled with dynamic shapes); only when asked; never for a model in training
-mode; export turns it off."""
+image sizes (the second is compiled with dynamic shapes), with and without weight freezing; with freezing
+the weights are those of the first call; only when asked; never for a model in training mode; export turns
+it off."""
 
 import copy
 import os
@@ -18,12 +19,14 @@ def compiled_layers(model):
     return [m for m in inference_compiled_modules(model) if m._compiled_call_impl is not None]
 
 
-def test_compiled_model_gives_the_eager_detections_on_two_sizes(one_torch_thread):
+@pytest.mark.parametrize("freezing", [True, False])
+def test_compiled_model_gives_the_eager_detections_on_two_sizes(freezing, one_torch_thread):
     torch.manual_seed(int(torch.randint(0, 10**6, ())))
     eager = build_model(tiny_cfg(TWO_STAGE=True, WITH_BOX_REFINE=True)).eval()
     compiled = copy.deepcopy(eager)
     t = compiled.transformer
-    assert compile_for_inference(compiled) == 1 + len(t.encoder.layers) + len(t.decoder.layers)
+    n = compile_for_inference(compiled, freezing=freezing)
+    assert n == 1 + len(t.encoder.layers) + len(t.decoder.layers)
     for h, w in ((64, 96), (80, 72)):
         inputs = [{"image": torch.rand(3, h, w) * 255, "height": h, "width": w}]
         with torch.no_grad():
@@ -34,6 +37,24 @@ def test_compiled_model_gives_the_eager_detections_on_two_sizes(one_torch_thread
             torch.testing.assert_close(got[key], want[key], rtol=1e-4, atol=1e-4)
     assert len(compiled_layers(compiled)) == 1 + len(t.encoder.layers) + len(t.decoder.layers)
     assert compiled_layers(eager) == []
+
+
+@pytest.mark.parametrize("freezing", [True, False])
+def test_frozen_weights_are_those_of_the_first_call(freezing, one_torch_thread):
+    # the documented contract of freezing: weights changed after the first call are not seen (without
+    # freezing they are); a model from build_demo_model has its weights loaded before
+    torch.manual_seed(int(torch.randint(0, 10**6, ())))
+    model = build_model(tiny_cfg()).eval()
+    compile_for_inference(model, freezing=freezing)
+    inputs = [{"image": torch.rand(3, 64, 96) * 255, "height": 64, "width": 96}]
+    with torch.no_grad():
+        before = model.forward_outputs(model.preprocess_image(inputs))["pred_logits"]
+        linear1 = model.transformer.encoder.layers[0].linear1
+        linear1.weight.mul_(3.0)  # in place: no recompilation
+        after = model.forward_outputs(model.preprocess_image(inputs))["pred_logits"]
+    assert torch.equal(after, before) == freezing
+    if not freezing:
+        assert (after - before).abs().max() > 1e-3
 
 
 def test_compile_refuses_a_training_model():
@@ -48,6 +69,17 @@ def test_build_demo_model_compiles_only_when_asked(on, tmp_path):
     # compiling happens at the first call: not run here
     model = demo_model_with_random_weights(tiny_cfg(INFERENCE_COMPILE=on), tmp_path)
     assert bool(compiled_layers(model)) == on
+
+
+@pytest.mark.parametrize("freezing", [True, False])
+def test_build_demo_model_passes_the_freezing_key(freezing, tmp_path, monkeypatch):
+    import ddetr_d2.demo.predictor as predictor
+
+    seen = []
+    monkeypatch.setattr(predictor, "compile_for_inference", lambda model, freezing: seen.append(freezing))
+    cfg = tiny_cfg(INFERENCE_COMPILE=True, INFERENCE_COMPILE_FREEZING=freezing)
+    demo_model_with_random_weights(cfg, tmp_path)
+    assert seen == [freezing]
 
 
 def test_export_builds_the_plain_model_when_compile_is_set(tmp_path, monkeypatch):

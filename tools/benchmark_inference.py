@@ -10,6 +10,8 @@ run, on the same random weights:
   * ``ours_bf16``: the same with ``MODEL.DEFORMABLE_DETR.INFERENCE_DTYPE bfloat16``;
   * ``ours_compile``: ``ours`` with ``MODEL.DEFORMABLE_DETR.INFERENCE_COMPILE True`` (backbone and encoder /
     decoder layers compiled by ``torch.compile``; the compilation happens in the untimed warm-up run);
+  * ``ours_bf16_compile``: both settings together (Inductor then fuses the bfloat16 <-> float32 casts that
+    autocast puts around the dense layers into the neighbouring element-wise loops);
   * ``ort_grid_sample`` / ``ort_gather``: the model exported by ``ddetr_d2.export`` and run by
     ``ddetr_d2.export.onnx_predictor.ONNXPredictor`` (onnxruntime CPU), each MSDA formulation.
 
@@ -24,8 +26,8 @@ The input is a random image already at the measured size (the resize is then a n
 implementation, so all of them see the same pixels).
 
 Usage: python tools/benchmark_inference.py [--sizes 800x1066 160x213] [--variants plain refine two_stage]
-       [--impls hf ours ours_bf16 ours_compile ort_grid_sample ort_gather] [--repeats 3] [--threads 2]
-       [--json out.json]
+       [--impls hf ours ours_bf16 ours_compile ours_bf16_compile ort_grid_sample ort_gather]
+       [--repeats 3] [--threads 2] [--json out.json]
 """
 
 # first: sets the OpenMP wait policy before torch loads
@@ -43,7 +45,7 @@ import time
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VARIANTS = {"plain": (False, False), "refine": (True, False), "two_stage": (True, True)}
-IMPLS = ("hf", "ours", "ours_bf16", "ours_compile", "ort_grid_sample", "ort_gather")
+IMPLS = ("hf", "ours", "ours_bf16", "ours_compile", "ours_bf16_compile", "ort_grid_sample", "ort_gather")
 STAGES = ("preprocess", "backbone", "input_proj", "encoder", "decoder", "postprocess", "other")
 TOP_K = 100
 
@@ -158,8 +160,8 @@ def run_ours(args, bgr):
         args.variant,
         args.weights,
         args.size,
-        "bfloat16" if args.impl == "ours_bf16" else "float32",
-        compile_encoder=args.impl == "ours_compile",
+        "bfloat16" if args.impl in ("ours_bf16", "ours_bf16_compile") else "float32",
+        compile_encoder=args.impl in ("ours_compile", "ours_bf16_compile"),
     )
     model = our_model(cfg)
     predictor = ImagePredictor(cfg, model)
@@ -265,7 +267,7 @@ def worker(args):
     torch.set_num_threads(args.threads)
     h, w = (int(v) for v in args.size.split("x"))
     bgr = np.random.default_rng(0).integers(0, 256, size=(h, w, 3), dtype=np.uint8)
-    runners = {"hf": run_hf, "ours": run_ours, "ours_bf16": run_ours, "ours_compile": run_ours}
+    runners = {"hf": run_hf, **{impl: run_ours for impl in IMPLS if impl.startswith("ours")}}
     once = runners.get(args.impl, run_ort)(args, bgr)
     once()  # warm-up
     runs = [once() for _ in range(args.repeats)]
@@ -427,7 +429,7 @@ def main():
             results.append(check)
             for impl in args.impls:
                 h, w = (int(v) for v in size.split("x"))
-                if impl == "ours_bf16" and bf16_max is not None and h * w > bf16_max:
+                if impl in ("ours_bf16", "ours_bf16_compile") and bf16_max is not None and h * w > bf16_max:
                     print(f"skip {impl} {variant} {size}: no native bf16 on this CPU", flush=True)
                     continue
                 r = spawn(["--worker", impl] + common, args)

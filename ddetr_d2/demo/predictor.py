@@ -45,7 +45,9 @@ def build_demo_model(cfg, allow_mismatch=False):
     if cfg.MODEL.DEFORMABLE_DETR.get("INFERENCE_FUSE_BATCHNORM", True):
         fuse_batchnorm(model.backbone)  # inference only: one op less per convolution
     if cfg.MODEL.DEFORMABLE_DETR.get("INFERENCE_COMPILE", False):
-        compile_for_inference(model)  # compiled on the first call
+        # compiled (and with freezing, its weights read) on the first call
+        freezing = cfg.MODEL.DEFORMABLE_DETR.get("INFERENCE_COMPILE_FREEZING", True)
+        compile_for_inference(model, freezing=freezing)
     return model
 
 
