@@ -28,7 +28,8 @@ def add_tracker_config(cfg):
     # QueryIoUTracker: match the tracks in rounds by consecutive misses, 0 first (DeepSORT's matching cascade)
     # instead of one Hungarian assignment over all tracks. Off by the rule fixed before measuring: on the big
     # val it cut ID switches on all three models (176 -> 80, 140 -> 83, 110 -> 100) but lowered IDF1 by more
-    # than 1 on two of them (docs/benchmarks.md, "Matching cascade")
+    # than 1 on two of them (docs/benchmarks.md, "Matching cascade"); on a fresh val with thresholds chosen on
+    # 15 tune sequences it had more ID switches on one of three (77 vs 69): off again
     cfg.MODEL.TRACKER.MATCH_CASCADE = False
     cfg.MODEL.TRACKER.IOU_CLASS_AWARE = False  # IoUTracker: only match tracks and detections of one class
     # RuntimeTracker, not in MOTR (False = MOTR): a would-be birth overlapping a track missed this frame
