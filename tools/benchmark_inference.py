@@ -46,6 +46,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VARIANTS = {"plain": (False, False), "refine": (True, False), "two_stage": (True, True)}
 IMPLS = ("hf", "ours", "ours_bf16", "ours_compile", "ours_bf16_compile", "ort_grid_sample", "ort_gather")
+BF16_IMPLS = ("ours_bf16", "ours_bf16_compile")  # INFERENCE_DTYPE bfloat16
+COMPILE_IMPLS = ("ours_compile", "ours_bf16_compile")  # INFERENCE_COMPILE True
 STAGES = ("preprocess", "backbone", "input_proj", "encoder", "decoder", "postprocess", "other")
 TOP_K = 100
 
@@ -160,8 +162,8 @@ def run_ours(args, bgr):
         args.variant,
         args.weights,
         args.size,
-        "bfloat16" if args.impl in ("ours_bf16", "ours_bf16_compile") else "float32",
-        compile_encoder=args.impl in ("ours_compile", "ours_bf16_compile"),
+        "bfloat16" if args.impl in BF16_IMPLS else "float32",
+        compile_encoder=args.impl in COMPILE_IMPLS,
     )
     model = our_model(cfg)
     predictor = ImagePredictor(cfg, model)
@@ -429,7 +431,7 @@ def main():
             results.append(check)
             for impl in args.impls:
                 h, w = (int(v) for v in size.split("x"))
-                if impl in ("ours_bf16", "ours_bf16_compile") and bf16_max is not None and h * w > bf16_max:
+                if impl in BF16_IMPLS and bf16_max is not None and h * w > bf16_max:
                     print(f"skip {impl} {variant} {size}: no native bf16 on this CPU", flush=True)
                     continue
                 r = spawn(["--worker", impl] + common, args)
