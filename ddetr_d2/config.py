@@ -88,6 +88,15 @@ def add_deformable_detr_config(cfg):
     # DINO contrastive denoising: each group adds negatives (noise in [1, 2) x the scale) to be
     # classified as background
     _C.DN.CONTRASTIVE = False
+    # hybrid matching (H-DETR; training only): NUM_QUERIES extra queries run through the decoder,
+    # hidden from the detector's (both ways), matched one-to-many to every target repeated K times;
+    # two-stage: the encoder proposals ranked after the detector's. H-DETR: 1500 queries beside 300,
+    # K 6, LOSS_WEIGHT (its lambda) 1.0. See ddetr_d2/modeling/one_to_many.py
+    _C.ONE_TO_MANY = CN()
+    _C.ONE_TO_MANY.ENABLED = False
+    _C.ONE_TO_MANY.NUM_QUERIES = 1500
+    _C.ONE_TO_MANY.K = 6
+    _C.ONE_TO_MANY.LOSS_WEIGHT = 1.0
     # loss / matching
     _C.AUX_LOSS = True
     _C.COST_CLASS = 2.0

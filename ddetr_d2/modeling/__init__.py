@@ -6,6 +6,7 @@ from .deformable_transformer import DeformableTransformer
 from .denoising import DenoisingGroups  # registers the "denoising" training query groups
 from .matcher import HungarianMatcher
 from .meta_arch import MLP, DeformableDETR
+from .one_to_many import OneToManyGroup  # registers the "one_to_many" training query group
 from .position_encoding import PositionEmbeddingSine
 from .query_groups import QueryGroup, assemble_query_groups
 from .slim_resnet import build_slim_resnet_backbone
@@ -16,6 +17,7 @@ __all__ = [
     "DenoisingGroups",
     "HungarianMatcher",
     "MLP",
+    "OneToManyGroup",
     "PositionEmbeddingSine",
     "QueryGroup",
     "SetCriterion",

@@ -415,16 +415,10 @@ class DeformableTransformer(nn.Module):
             nl = self.decoder.num_layers
             enc_outputs_class = self.decoder.class_embed[nl](output_memory)
             enc_outputs_coord_unact = self.decoder.bbox_embed[nl](output_memory) + output_proposals
-            topk = min(self.two_stage_num_proposals, enc_outputs_class.shape[1])
-            scores = enc_outputs_class[..., 0]
-            if self.exclude_padding_proposals:
-                # padded positions never become queries (so outputs do not depend on the other images
-                # of the batch); the official code ranks them too (identical when there is no padding)
-                scores = scores.masked_fill(enc["mask_flatten"], float("-inf"))
-            topk_proposals = torch.topk(scores, topk, dim=1)[1]
-            topk_coords_unact = torch.gather(
-                enc_outputs_coord_unact, 1, topk_proposals.unsqueeze(-1).repeat(1, 1, 4)
-            ).detach()
+            topk_coords_unact = self.select_proposals(
+                enc, enc_outputs_class, enc_outputs_coord_unact, self.two_stage_num_proposals
+            )
+            topk = topk_coords_unact.shape[1]
             reference_points = topk_coords_unact.sigmoid()
             query_pos, tgt = self.embed_reference_boxes(topk_coords_unact)
             if self.mixed_query_selection:
@@ -437,6 +431,24 @@ class DeformableTransformer(nn.Module):
         tgt = tgt.unsqueeze(0).expand(bs, -1, -1)
         reference_points = self.reference_points(query_pos).sigmoid()
         return tgt, reference_points, query_pos, None, None
+
+    def select_proposals(self, enc, enc_outputs_class, enc_outputs_coord_unact, k):
+        """
+        Two-stage: the top-``k`` encoder proposals by class-0 score (fewer if there are fewer tokens).
+        Args:
+            enc: ``forward_encoder``'s dict (its ``mask_flatten`` (N, S) marks padding);
+            enc_outputs_class (N, S, K), enc_outputs_coord_unact (N, S, 4): ``prepare_queries``' outputs.
+        Returns:
+            (N, min(k, S), 4) detached boxes in logit space, best first.
+        """
+        topk = min(k, enc_outputs_class.shape[1])
+        scores = enc_outputs_class[..., 0]
+        if self.exclude_padding_proposals:
+            # padded positions never become queries (so outputs do not depend on the other images
+            # of the batch); the official code ranks them too (identical when there is no padding)
+            scores = scores.masked_fill(enc["mask_flatten"], float("-inf"))
+        topk_proposals = torch.topk(scores, topk, dim=1)[1]
+        return torch.gather(enc_outputs_coord_unact, 1, topk_proposals.unsqueeze(-1).repeat(1, 1, 4)).detach()
 
     def embed_reference_boxes(self, boxes_unact):
         """

@@ -146,8 +146,9 @@ class DenoisingGroups(nn.Module):
             "max_objects": m,
         }
 
-    def make_groups(self, targets, groups, transformer):
-        """Denoising ``QueryGroup`` s ``dn0``.. and the blocked pairs (see ``query_groups.py``)."""
+    def make_groups(self, targets, groups, transformer, context=None):
+        """Denoising ``QueryGroup`` s ``dn0``.. and the blocked pairs (see ``query_groups.py``; ``context``
+        is not used)."""
         if groups[0].reference_points.shape[-1] != 4:
             raise ValueError("denoising groups need 4-d reference boxes (two-stage)")
         q = self.make_queries(targets)

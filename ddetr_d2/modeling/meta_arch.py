@@ -302,8 +302,11 @@ class DeformableDETR(nn.Module):
         tgt, ref, query_pos, enc_cls, enc_coord = self.transformer.prepare_queries(enc, query_embed)
         groups, blocked, metas = [QueryGroup("detect", tgt, query_pos, ref)], [], {}
         if self.training and targets is not None:
+            context = {"enc": enc, "enc_outputs_class": enc_cls, "enc_outputs_coord_unact": enc_coord}
             for name, module in self.training_groups.items():
-                extra, extra_blocked, metas[name] = module.make_groups(targets, groups, self.transformer)
+                extra, extra_blocked, metas[name] = module.make_groups(
+                    targets, groups, self.transformer, context
+                )
                 groups += extra
                 blocked += extra_blocked
         queries = assemble_query_groups(groups, blocked)

@@ -29,8 +29,11 @@ Training-only groups (e.g. denoising, ``denoising.py``) are ``nn.Module`` s buil
 detector keeps them in ``training_groups`` (state-dict prefix ``training_groups.``) and calls, in
 training only:
 
-- ``make_groups(targets, groups, transformer) -> (list[QueryGroup], blocked pairs, meta)``
-  (``groups``: the groups assembled so far, the detector's ``"detect"`` first)
+- ``make_groups(targets, groups, transformer, context) -> (list[QueryGroup], blocked pairs, meta)``
+  (``groups``: the groups assembled so far, the detector's ``"detect"`` first; ``context``: the
+  encoder's outputs, ``{"enc": forward_encoder's dict, "enc_outputs_class": (N, S, K) or None,
+  "enc_outputs_coord_unact": (N, S, 4) or None}`` (None without two-stage)); modules run in the
+  order of their names
 - ``losses(group_outputs, targets, meta, criterion) -> dict`` of weighted losses, where
   ``group_outputs[name]`` = ``{"pred_logits" (N, Q_g, K), "pred_boxes" (N, Q_g, 4),
   "aux_outputs": [...]}`` (earlier decoder layers, when ``AUX_LOSS``).
