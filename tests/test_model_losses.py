@@ -69,11 +69,12 @@ def test_matcher_equals_brute_force(seed):
     q, k = 6, 5
     t = [0, 1, 3, 4, 2, 5][seed]
     matcher = HungarianMatcher(cost_class=2.0, cost_bbox=5.0, cost_giou=2.0)
-    logits = torch.randn(2, q, k, generator=gen) * 2
-    boxes = random_boxes(2 * q, gen).view(2, q, 4)
+    logits = torch.randn(3, q, k, generator=gen) * 2
+    boxes = random_boxes(3 * q, gen).view(3, q, 4)
+    # an image without objects between two with (the costs of the batch are computed at once)
     targets = [
         {"labels": torch.randint(0, k, (n,), generator=gen), "boxes": random_boxes(n, gen)}
-        for n in (t, max(t - 1, 0))
+        for n in (t, 0, max(t - 1, 0))
     ]
     indices = matcher({"pred_logits": logits, "pred_boxes": boxes}, targets)
     for i, (rows, cols) in enumerate(indices):

@@ -11,7 +11,7 @@ __all__ = ["HungarianMatcher"]
 class HungarianMatcher(nn.Module):
     """
     One-to-one assignment minimising ``cost_class * focal_cost + cost_bbox * L1 + cost_giou * (-GIoU)``
-    per image (scipy ``linear_sum_assignment``). The class cost is the official focal cost:
+    per image (scipy ``linear_sum_assignment``; the costs of the whole batch are computed at once). The class cost is the official focal cost:
     ``alpha (1-p)^gamma (-log p) - (1-alpha) p^gamma (-log(1-p))`` at the target class.
     """
 
@@ -56,13 +56,26 @@ class HungarianMatcher(nn.Module):
         logits, boxes = outputs["pred_logits"], outputs["pred_boxes"]
         if len(targets) != logits.shape[0]:
             raise ValueError(f"{len(targets)} targets for a batch of {logits.shape[0]} predictions")
-        indices = []
-        for i, t in enumerate(targets):
-            if len(t["labels"]) == 0:
-                empty = torch.zeros(0, dtype=torch.int64)
+        sizes = [len(t["labels"]) for t in targets]
+        empty = torch.zeros(0, dtype=torch.int64)
+        if sum(sizes) == 0:
+            return [(empty, empty.clone()) for _ in targets]
+        # one cost matrix for the whole batch (every query vs every target, as the official code), then
+        # each image's block: the same per-pair values as per image, in a few large ops instead of N sets
+        n, q = logits.shape[:2]
+        c = self.cost_matrix(
+            logits.flatten(0, 1).float(),
+            boxes.flatten(0, 1).float(),
+            torch.cat([t["labels"] for t in targets]),
+            torch.cat([t["boxes"] for t in targets]).float(),
+        )
+        c = c.view(n, q, -1).cpu()
+        indices, start = [], 0
+        for i, size in enumerate(sizes):
+            if size == 0:
                 indices.append((empty, empty.clone()))
                 continue
-            c = self.cost_matrix(logits[i].float(), boxes[i].float(), t["labels"], t["boxes"].float())
-            row, col = linear_sum_assignment(c.cpu().numpy())
+            row, col = linear_sum_assignment(c[i, :, start : start + size].numpy())
+            start += size
             indices.append((torch.as_tensor(row, dtype=torch.int64), torch.as_tensor(col, dtype=torch.int64)))
         return indices
