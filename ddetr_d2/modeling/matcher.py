@@ -11,7 +11,8 @@ __all__ = ["HungarianMatcher"]
 class HungarianMatcher(nn.Module):
     """
     One-to-one assignment minimising ``cost_class * focal_cost + cost_bbox * L1 + cost_giou * (-GIoU)``
-    per image (scipy ``linear_sum_assignment``; the costs of the whole batch are computed at once). The class cost is the official focal cost:
+    per image (scipy ``linear_sum_assignment``; the costs of the whole batch are computed at once).
+    The class cost is the official focal cost:
     ``alpha (1-p)^gamma (-log p) - (1-alpha) p^gamma (-log(1-p))`` at the target class.
     """
 
