@@ -3,10 +3,13 @@
 Where the CPU inference time of the R-50 detector goes, for the inference-only layout settings: the
 eval forward (``forward_outputs``, no pre/post-processing) and the backbone alone, timed side by side in
 one process for float32 / bfloat16 x NCHW / channels-last x batch norms folded or not, on the same random
-weights, then a torch.profiler table (top ops by self CPU time) of the default bf16 setting.
+weights, then a torch.profiler table (top ops by self CPU time) of the default bf16 setting (or of
+``--profile-dtype``; with ``--profile-compiled`` the model as ``INFERENCE_COMPILE`` runs it: compiled with
+weight freezing, Inductor's fused kernels named in the table).
 
 Usage: python tools/profile_inference.py [--size 800x1066] [--threads 2] [--repeats 3] [--variant plain]
-       [--dtypes float32 bfloat16] [--no-profile]
+       [--dtypes float32 bfloat16] [--no-table] [--no-profile] [--profile-dtype bfloat16]
+       [--profile-compiled]
 (pin the cores with ``taskset -c 0,1`` for figures comparable with tools/benchmark_inference.py)
 """
 
@@ -45,6 +48,13 @@ def main():
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--variant", choices=list(VARIANTS), default="plain")
     p.add_argument("--no-profile", action="store_true")
+    p.add_argument("--no-table", action="store_true", help="skip the layout table (profile only)")
+    p.add_argument("--profile-dtype", choices=("float32", "bfloat16"), default="bfloat16")
+    p.add_argument(
+        "--profile-compiled",
+        action="store_true",
+        help="profile the model compiled with weight freezing (INFERENCE_COMPILE's default)",
+    )
     p.add_argument(
         "--dtypes",
         nargs="+",
@@ -85,6 +95,37 @@ def main():
 
         return once
 
+    if not args.no_table:
+        layout_table(args, plain, fused, run)
+    if args.no_profile:
+        return
+    from torch.profiler import ProfilerActivity, profile
+
+    dtype = args.profile_dtype
+    once = run(fused, dtype, True, "whole")
+    what = f"{dtype}, NHWC, fused BN"
+    if args.profile_compiled:
+        import torch._inductor.config as inductor_config
+
+        from ddetr_d2.modeling.inference_compile import compile_for_inference
+
+        inductor_config.cpp.enable_kernel_profile = True  # the generated kernels appear in the table
+        n = compile_for_inference(fused, freezing=True)
+        t0 = time.perf_counter()
+        once()
+        print(f"compiled {n} modules (freezing): first call {time.perf_counter() - t0:.1f} s")
+        what += ", compiled with freezing"
+    once()
+    t0 = time.perf_counter()
+    once()
+    print(f"{what}: one forward {time.perf_counter() - t0:.3f} s (unprofiled)")
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        once()
+    print(f"{what}:")
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=30))
+
+
+def layout_table(args, plain, fused, run):
     ref = run(plain, "float32", False, "whole")()["pred_logits"]
     print("| setting | whole forward s | backbone s | max abs logit diff vs fp32 NCHW unfused |")
     print("|---|---|---|---|")
@@ -96,16 +137,6 @@ def main():
                 diff = (run(model, dtype, channels_last, "whole")()["pred_logits"].float() - ref).abs().max()
                 layout = "NHWC" if channels_last else "NCHW"
                 print(f"| {dtype} {layout} {name} | {t_whole:.3f} | {t_bb:.3f} | {diff:.2e} |", flush=True)
-    if args.no_profile:
-        return
-    from torch.profiler import ProfilerActivity, profile
-
-    once = run(fused, "bfloat16", True, "whole")
-    once()
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
-        once()
-    print("bfloat16, NHWC, fused BN (the defaults with INFERENCE_DTYPE bfloat16):")
-    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=20))
 
 
 if __name__ == "__main__":
