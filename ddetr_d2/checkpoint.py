@@ -169,7 +169,8 @@ def _format_keys(keys, limit=8):
     return shown + (f", ... ({len(keys)} in all)" if len(keys) > limit else "")
 
 
-# Parameters that exist in training only (e.g. the denoising groups' label embedding): a model trained
+# Parameters that exist in training only (the denoising groups' label embedding, the one-to-many
+# group's queries): a model trained
 # with them loads into one built without them, and the other way round, for inference.
 TRAINING_ONLY_PREFIXES = ("training_groups.",)
 
