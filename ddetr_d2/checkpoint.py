@@ -170,8 +170,8 @@ def _format_keys(keys, limit=8):
 
 
 # Parameters that exist in training only (the denoising groups' label embedding, the one-to-many
-# group's queries): a model trained
-# with them loads into one built without them, and the other way round, for inference.
+# group's queries): a model trained with them loads into one built without them, and the other way
+# round, for inference.
 TRAINING_ONLY_PREFIXES = ("training_groups.",)
 
 
