@@ -7,7 +7,7 @@ from detectron2.modeling import build_model
 from model_testing import VARIANTS, tiny_cfg
 from test_model_denoising import _focal, _giou
 from test_model_forward import make_inputs
-from test_model_overfit import synthetic_images
+from test_model_overfit import train_on_synthetic
 
 from ddetr_d2.errors import ConfigError
 from ddetr_d2.modeling import HungarianMatcher, SetCriterion
@@ -257,20 +257,10 @@ def test_short_training_run():
     cfg = o2m_cfg("two_stage_mixed", dn=True, NUM_CLASSES=2, NUM_QUERIES=10)
     torch.manual_seed(0)
     model = build_model(cfg)
-    model.backbone.requires_grad_(False)
-    model.train()
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=1e-3, weight_decay=1e-4)
-    data = synthetic_images()
-    history = []
-    for _ in range(25):
-        losses = model(data)
+
+    def check(losses):
         assert {"loss_ce_o2m", "loss_giou_o2m_0", "loss_ce_dn", "loss_ce_enc"} <= set(losses)
-        loss = sum(losses.values())
-        opt.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 0.1)
-        opt.step()
-        history.append(loss.item())
+
+    history = train_on_synthetic(model, 25, check)
     assert np.isfinite(history).all()
     assert np.mean(history[-3:]) < 0.8 * np.mean(history[:3]), history

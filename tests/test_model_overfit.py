@@ -42,6 +42,31 @@ def synthetic_images(size=64, seed=0):
     return out
 
 
+def train_on_synthetic(model, steps, check_losses=None):
+    """
+    ``steps`` AdamW steps (lr 1e-3, weight decay 1e-4, gradient norm clipped at 0.1) of ``model`` on the two
+    :func:`synthetic_images`, its backbone frozen (speed: the random ResNet is a fixed feature extractor
+    here); ``check_losses(loss_dict)`` runs on every step's losses. Returns the total loss of every step.
+    """
+    model.backbone.requires_grad_(False)
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-3, weight_decay=1e-4)
+    data = synthetic_images()
+    history = []
+    for _ in range(steps):
+        losses = model(data)
+        if check_losses is not None:
+            check_losses(losses)
+        loss = sum(losses.values())
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 0.1)
+        opt.step()
+        history.append(loss.item())
+    return history
+
+
 def test_overfit_two_images():
     cfg = get_cfg()
     add_deformable_detr_config(cfg)
@@ -51,20 +76,8 @@ def test_overfit_two_images():
     cfg.MODEL.DEFORMABLE_DETR.DROPOUT = 0.0
     torch.manual_seed(0)
     model = build_model(cfg)
-    model.backbone.requires_grad_(False)  # speed: the random ResNet is a fixed feature extractor here
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=1e-3, weight_decay=1e-4)
+    history = train_on_synthetic(model, 80)
     data = synthetic_images()
-
-    history = []
-    for _ in range(80):
-        losses = model(data)
-        loss = sum(losses.values())
-        opt.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 0.1)
-        opt.step()
-        history.append(loss.item())
     assert np.isfinite(history).all()
     assert history[0] / np.mean(history[-5:]) >= 5.0, (history[0], history[-5:])
 
