@@ -142,6 +142,11 @@ def add_deformable_detr_config(cfg):
     # an AMX Xeon, bfloat16, R-50 at 800x1066: 1.71 s -> 1.10-1.25 s per image; 2-core AVX2 CPU, float32, one
     # thread: 7.06 -> 6.62 s (docs/benchmarks.md). The first call compiles about twice as long.
     _C.INFERENCE_COMPILE_FREEZING = True
+    # Inference-only models on the CPU (build_demo_model): glibc's malloc keeps freed memory for reuse
+    # (ddetr_d2/allocator.py; process-wide) instead of mapping each large tensor afresh: no page faults
+    # after the first image (R-50 at 800x1066: 150-200k faults, 0.4-0.6 s of system time per forward
+    # without it; docs/benchmarks.md). The process keeps its peak heap.
+    _C.INFERENCE_RETAIN_FREED_MEMORY = True
 
     # optimizer (used by ddetr_d2/solver.py)
     cfg.SOLVER.OPTIMIZER = "ADAMW"

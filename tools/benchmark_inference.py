@@ -27,7 +27,10 @@ implementation, so all of them see the same pixels).
 
 Usage: python tools/benchmark_inference.py [--sizes 800x1066 160x213] [--variants plain refine two_stage]
        [--impls hf ours ours_bf16 ours_compile ours_bf16_compile ort_grid_sample ort_gather]
-       [--repeats 3] [--threads 2] [--json out.json]
+       [--repeats 3] [--threads 2] [--json out.json] [--opts KEY VALUE ...] [--hf-retain-freed-memory]
+
+Our rows use the config's inference defaults (e.g. ``INFERENCE_RETAIN_FREED_MEMORY`` True: malloc keeps freed
+memory, ``ddetr_d2/allocator.py``); ``--opts`` overrides them for an A/B.
 """
 
 # first: sets the OpenMP wait policy before torch loads
@@ -77,8 +80,8 @@ def hf_model(variant, seed=0):
     return model
 
 
-def our_cfg(variant, weights, size, dtype="float32", compile_encoder=False):
-    """Our config of ``variant``; the test-time resize keeps a ``size`` ("HxW") image as it is."""
+def our_cfg(variant, weights, size, dtype="float32", compile_encoder=False, opts=()):
+    """Our config of ``variant`` (then ``opts``); the test-time resize keeps a ``size`` image as it is."""
     from ddetr_d2.config import build_cfg
 
     refine, two_stage = VARIANTS[variant]
@@ -102,6 +105,7 @@ def our_cfg(variant, weights, size, dtype="float32", compile_encoder=False):
             min(h, w),
             "INPUT.MAX_SIZE_TEST",
             max(h, w),
+            *opts,
         ],
     )
 
@@ -164,6 +168,7 @@ def run_ours(args, bgr):
         args.size,
         "bfloat16" if args.impl in BF16_IMPLS else "float32",
         compile_encoder=args.impl in COMPILE_IMPLS,
+        opts=args.opts,
     )
     model = our_model(cfg)
     predictor = ImagePredictor(cfg, model)
@@ -206,6 +211,10 @@ def run_hf(args, bgr):
     import torch
     from transformers import DeformableDetrImageProcessor
 
+    if args.hf_retain_freed_memory:
+        from ddetr_d2.allocator import retain_freed_memory
+
+        retain_freed_memory()
     model = hf_model(args.variant)
     model.load_state_dict(torch.load(args.hf_weights))
     processor = DeformableDetrImageProcessor(do_resize=False)
@@ -344,7 +353,10 @@ def spawn(extra, args, timeout=3600):
         str(args.repeats),
         "--workdir",
         args.workdir,
-    ] + extra
+    ]
+    cmd += ["--hf-retain-freed-memory"] if args.hf_retain_freed_memory else []
+    cmd += ["--opts", *args.opts] if args.opts else []
+    cmd += extra
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
     res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
     for line in res.stdout.splitlines():
@@ -398,6 +410,19 @@ def main():
         help="skip ours_bf16 above this many pixels (default: no limit on a CPU with "
         "AVX512-BF16/AMX, 40000 otherwise: emulated bfloat16 is ~20x slower than float32)",
     )
+    parser.add_argument(
+        "--opts",
+        nargs="+",
+        default=[],
+        help="config KEY VALUE pairs for our rows (e.g. MODEL.DEFORMABLE_DETR.INFERENCE_RETAIN_FREED_MEMORY "
+        "False)",
+    )
+    parser.add_argument(
+        "--hf-retain-freed-memory",
+        action="store_true",
+        help="HF rows with glibc malloc keeping freed memory too (what INFERENCE_RETAIN_FREED_MEMORY does "
+        "for ours; off: HF as users run it)",
+    )
     # worker mode (internal)
     parser.add_argument("--worker", choices=IMPLS + ("parity",), help=argparse.SUPPRESS)
     parser.add_argument("--variant", help=argparse.SUPPRESS)
@@ -418,7 +443,8 @@ def main():
     os.makedirs(args.workdir, exist_ok=True)
     print(
         f"threads {args.threads}, repeats {args.repeats} (+1 warm-up), CPU native bf16: {native_bf16}, "
-        f"workdir {args.workdir}",
+        f"workdir {args.workdir}, opts {args.opts}, "
+        f"HF malloc keeps freed memory: {args.hf_retain_freed_memory}",
         flush=True,
     )
     results = []
@@ -448,6 +474,8 @@ def main():
                     "threads": args.threads,
                     "repeats": args.repeats,
                     "native_bf16": native_bf16,
+                    "opts": args.opts,
+                    "hf_retain_freed_memory": args.hf_retain_freed_memory,
                     "results": results,
                 },
                 f,

@@ -9,7 +9,7 @@ weight freezing, Inductor's fused kernels named in the table).
 
 Usage: python tools/profile_inference.py [--size 800x1066] [--threads 2] [--repeats 3] [--variant plain]
        [--dtypes float32 bfloat16] [--no-table] [--no-profile] [--profile-dtype bfloat16]
-       [--profile-compiled]
+       [--profile-compiled] [--no-retain-freed-memory]
 (pin the cores with ``taskset -c 0,1`` for figures comparable with tools/benchmark_inference.py)
 """
 
@@ -27,6 +27,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmark_inference import VARIANTS, our_cfg  # noqa: E402  (tools/, this script's folder)
 
 import ddetr_d2  # noqa: F401, E402  (registers the config keys and the meta-architecture)
+from ddetr_d2.allocator import retain_freed_memory  # noqa: E402
 from ddetr_d2.modeling.fuse_batchnorm import fuse_batchnorm  # noqa: E402
 from ddetr_d2.modeling.inference_precision import inference_autocast  # noqa: E402
 
@@ -62,8 +63,14 @@ def main():
         default=["float32", "bfloat16"],
         help="bfloat16 is emulated (~20x slower than float32) on CPUs without AVX512-BF16 / AMX",
     )
+    p.add_argument(
+        "--no-retain-freed-memory",
+        action="store_true",
+        help="leave glibc malloc as it is (default: keep freed memory, like INFERENCE_RETAIN_FREED_MEMORY)",
+    )
     args = p.parse_args()
     torch.set_num_threads(args.threads)
+    retained = False if args.no_retain_freed_memory else retain_freed_memory()
     from detectron2.modeling import build_model
 
     h, w = (int(v) for v in args.size.split("x"))
@@ -78,7 +85,7 @@ def main():
     print(
         f"size {args.size}, variant {args.variant}, threads {args.threads}, repeats {args.repeats} "
         f"(+1 warm-up), torch {torch.__version__}, CPU capability {torch.backends.cpu.get_cpu_capability()}, "
-        f"{n_fused} convolutions with a batch norm folded"
+        f"{n_fused} convolutions with a batch norm folded, malloc keeps freed memory: {retained}"
     )
 
     def run(model, dtype, channels_last, part):

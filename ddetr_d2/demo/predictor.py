@@ -12,6 +12,7 @@ from detectron2.modeling import build_model
 from detectron2.utils.video_visualizer import VideoVisualizer
 from detectron2.utils.visualizer import ColorMode, Visualizer
 
+from ddetr_d2.allocator import retain_freed_memory
 from ddetr_d2.checkpoint import load_weights_checked
 from ddetr_d2.errors import ConfigError
 from ddetr_d2.modeling.fuse_batchnorm import fuse_batchnorm
@@ -33,7 +34,9 @@ def build_demo_model(cfg, allow_mismatch=False):
     A config whose model cannot be built raises ``ConfigError``. With
     ``MODEL.DEFORMABLE_DETR.INFERENCE_FUSE_BATCHNORM`` (default) the backbone's batch norms are folded
     into its convolutions (:func:`ddetr_d2.modeling.fuse_batchnorm.fuse_batchnorm`): the model is for
-    inference only. With ``INFERENCE_COMPILE`` its backbone and encoder / decoder layers are compiled
+    inference only. On the CPU, ``INFERENCE_RETAIN_FREED_MEMORY`` (default) makes this process's malloc
+    keep freed memory (:func:`ddetr_d2.allocator.retain_freed_memory`). With ``INFERENCE_COMPILE`` its
+    backbone and encoder / decoder layers are compiled
     (:func:`ddetr_d2.modeling.inference_compile.compile_for_inference`).
     """
     try:
@@ -44,6 +47,8 @@ def build_demo_model(cfg, allow_mismatch=False):
     model.eval()
     if cfg.MODEL.DEFORMABLE_DETR.get("INFERENCE_FUSE_BATCHNORM", True):
         fuse_batchnorm(model.backbone)  # inference only: one op less per convolution
+    if cfg.MODEL.DEVICE == "cpu" and cfg.MODEL.DEFORMABLE_DETR.get("INFERENCE_RETAIN_FREED_MEMORY", True):
+        retain_freed_memory()  # process-wide: large tensors reuse freed heap instead of fresh pages
     if cfg.MODEL.DEFORMABLE_DETR.get("INFERENCE_COMPILE", False):
         # compiled (and with freezing, its weights read) on the first call
         freezing = cfg.MODEL.DEFORMABLE_DETR.get("INFERENCE_COMPILE_FREEZING", True)
