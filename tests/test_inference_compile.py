@@ -108,3 +108,32 @@ def test_export_builds_the_plain_model_when_compile_is_set(tmp_path, monkeypatch
             ]
         )
     assert built == [False]
+
+
+@pytest.mark.parametrize("freezing", [True, False])
+def test_freezing_is_global_while_dynamo_traces(freezing, monkeypatch):
+    # Dynamo (torch >= 2.5) freezes parameters only if the *global* Inductor flag is on while it traces: the
+    # compile option reaches Inductor alone. A stand-in for Inductor records the flag Dynamo saw and runs the
+    # graph eagerly (fast); the flag must be back to its old value after the call.
+    import torch._dynamo
+    import torch._inductor.compile_fx as compile_fx
+    import torch._inductor.config as inductor_config
+
+    seen = []
+
+    def inductor_stand_in(gm, example_inputs, config_patches=None, **kwargs):
+        seen.append((inductor_config.freezing, (config_patches or {}).get("freezing")))
+        return gm.forward
+
+    monkeypatch.setattr(compile_fx, "compile_fx", inductor_stand_in)
+    torch._dynamo.reset()
+    before = inductor_config.freezing
+    model = build_model(tiny_cfg()).eval()
+    compile_for_inference(model, freezing=freezing)
+    inputs = [{"image": torch.rand(3, 64, 96) * 255, "height": 64, "width": 96}]
+    with torch.no_grad():
+        model.forward_outputs(model.preprocess_image(inputs))
+    torch._dynamo.reset()
+    assert seen, "nothing was compiled"
+    assert all(flag == freezing and option == freezing for flag, option in seen), seen
+    assert inductor_config.freezing == before
