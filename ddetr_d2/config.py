@@ -139,8 +139,8 @@ def add_deformable_detr_config(cfg):
     _C.INFERENCE_COMPILE = False
     # With INFERENCE_COMPILE: Inductor's weight freezing (weights become constants of the compiled graph,
     # pre-packed once for oneDNN; read at the first call, so they must not change afterwards). Two cores of
-    # an AMX Xeon, bfloat16, R-50 at 800x1066: 1.71 s -> 1.10-1.25 s per image; 2-core AVX2 CPU, float32, one
-    # thread: 7.06 -> 6.62 s (docs/benchmarks.md). The first call compiles about twice as long.
+    # an AMX Xeon, bfloat16, R-50 at 800x1066: 1.65-1.71 s -> 1.08-1.25 s per image; 2-core AVX2 CPU,
+    # float32, one thread: 7.06 -> 6.62 s (docs/benchmarks.md). The first call compiles about twice as long.
     _C.INFERENCE_COMPILE_FREEZING = True
     # Inference-only models on the CPU (build_demo_model): glibc's malloc keeps freed memory for reuse
     # (ddetr_d2/allocator.py; process-wide) instead of mapping each large tensor afresh: no page faults
