@@ -30,7 +30,6 @@ tracing needs the plain modules.
 
 import functools
 
-import torch._inductor.config as inductor_config
 from torch import nn
 
 __all__ = ["compile_for_inference", "inference_compiled_modules"]
@@ -60,6 +59,8 @@ def compile_for_inference(model: nn.Module, freezing: bool = True) -> int:
 def _called_with_freezing(compiled_call):
     """``compiled_call`` run with the global ``inductor_config.freezing`` on, which Dynamo reads while it
     traces (the per-compile option reaches Inductor only)."""
+
+    import torch._inductor.config as inductor_config  # only where compiling is asked for
 
     @functools.wraps(compiled_call)
     def call(*args, **kwargs):
