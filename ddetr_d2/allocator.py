@@ -8,7 +8,7 @@ pages in again and the kernel zeroes them: ~150-200k minor page faults and 0.4-0
 per forward on a 2-core AVX2 CPU (docs/benchmarks.md, "Freed memory kept").
 
 :func:`retain_freed_memory` tells malloc (``mallopt``) to serve every block from its heap and not to
-give freed memory back to the operating system, so after the first forward the same pages are reused
+give freed memory back to the operating system, so after the first few forwards the same pages are reused
 without faults. Process-wide, one way (the process keeps its peak heap), glibc only; applied to
 inference-only models on the CPU (``build_demo_model``) by ``MODEL.DEFORMABLE_DETR.
 INFERENCE_RETAIN_FREED_MEMORY``. This module needs the standard library only.

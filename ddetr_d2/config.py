@@ -144,7 +144,7 @@ def add_deformable_detr_config(cfg):
     _C.INFERENCE_COMPILE_FREEZING = True
     # Inference-only models on the CPU (build_demo_model): glibc's malloc keeps freed memory for reuse
     # (ddetr_d2/allocator.py; process-wide) instead of mapping each large tensor afresh: no page faults
-    # after the first image (R-50 at 800x1066: 150-200k faults, 0.4-0.6 s of system time per forward
+    # after the first few images (R-50 at 800x1066: 150-200k faults, 0.4-0.6 s of system time per forward
     # without it; docs/benchmarks.md). The process keeps its peak heap.
     _C.INFERENCE_RETAIN_FREED_MEMORY = True
 
