@@ -2,8 +2,7 @@
 inference-only model compiled with ``torch.compile`` (Inductor) give the eager model's detections, on two
 image sizes (the second is compiled with dynamic shapes), with and without weight freezing; with freezing
 the weights are those of the first call and Dynamo traces with Inductor's global freezing flag on; only when
-asked; never for a model in training mode; export turns
-it off."""
+asked; never for a model in training mode; export turns it off."""
 
 import copy
 import os
