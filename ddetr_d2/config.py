@@ -147,6 +147,12 @@ def add_deformable_detr_config(cfg):
     # after the first few images (R-50 at 800x1066: 150-200k faults, 0.4-0.6 s of system time per forward
     # without it; docs/benchmarks.md). The process keeps its peak heap.
     _C.INFERENCE_RETAIN_FREED_MEMORY = True
+    # Inference-only float32 models on the CPU (build_demo_model; never export): the nn.Linear layers run
+    # oneDNN's inner product on weights packed once (modeling/onednn_linear.py) instead of PyTorch's BLAS
+    # GEMM (MKL). "auto": on AMD CPUs, where MKL's float32 GEMM is the slower one (2 cores of an AVX-512
+    # EPYC, R-50 at 800x1066: the encoder's linear layers ~1.35x faster, docs/benchmarks.md); "onednn":
+    # always; "torch": never (PyTorch's own; the "auto" choice on other CPUs, not measured against it).
+    _C.INFERENCE_LINEAR_BACKEND = "auto"
 
     # optimizer (used by ddetr_d2/solver.py)
     cfg.SOLVER.OPTIMIZER = "ADAMW"

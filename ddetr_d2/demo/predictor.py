@@ -17,6 +17,7 @@ from ddetr_d2.checkpoint import load_weights_checked
 from ddetr_d2.errors import ConfigError
 from ddetr_d2.modeling.fuse_batchnorm import fuse_batchnorm
 from ddetr_d2.modeling.inference_compile import compile_for_inference
+from ddetr_d2.modeling.onednn_linear import resolve_linear_backend, use_onednn_linears
 
 from .io import DemoError
 from .sampling import SamplingRecorder, draw_level_legend, draw_sampling_points
@@ -35,7 +36,9 @@ def build_demo_model(cfg, allow_mismatch=False):
     ``MODEL.DEFORMABLE_DETR.INFERENCE_FUSE_BATCHNORM`` (default) the backbone's batch norms are folded
     into its convolutions (:func:`ddetr_d2.modeling.fuse_batchnorm.fuse_batchnorm`): the model is for
     inference only. On the CPU, ``INFERENCE_RETAIN_FREED_MEMORY`` (default) makes this process's malloc
-    keep freed memory (:func:`ddetr_d2.allocator.retain_freed_memory`). With ``INFERENCE_COMPILE`` its
+    keep freed memory (:func:`ddetr_d2.allocator.retain_freed_memory`); a float32 CPU model runs its linear
+    layers on oneDNN where ``INFERENCE_LINEAR_BACKEND`` says so
+    (:func:`ddetr_d2.modeling.onednn_linear.use_onednn_linears`). With ``INFERENCE_COMPILE`` its
     backbone and encoder / decoder layers are compiled
     (:func:`ddetr_d2.modeling.inference_compile.compile_for_inference`).
     """
@@ -49,11 +52,24 @@ def build_demo_model(cfg, allow_mismatch=False):
         fuse_batchnorm(model.backbone)  # inference only: one op less per convolution
     if cfg.MODEL.DEVICE == "cpu" and cfg.MODEL.DEFORMABLE_DETR.get("INFERENCE_RETAIN_FREED_MEMORY", True):
         retain_freed_memory()  # process-wide: large tensors reuse freed heap instead of fresh pages
+    if (
+        cfg.MODEL.DEVICE == "cpu"
+        and cfg.MODEL.DEFORMABLE_DETR.get("INFERENCE_DTYPE", "float32") == "float32"
+        and _linear_backend_is_onednn(cfg)
+    ):
+        use_onednn_linears(model)  # float32 linear layers on oneDNN, weights packed once
     if cfg.MODEL.DEFORMABLE_DETR.get("INFERENCE_COMPILE", False):
         # compiled (and with freezing, its weights read) on the first call
         freezing = cfg.MODEL.DEFORMABLE_DETR.get("INFERENCE_COMPILE_FREEZING", True)
         compile_for_inference(model, freezing=freezing)
     return model
+
+
+def _linear_backend_is_onednn(cfg):
+    try:
+        return resolve_linear_backend(cfg.MODEL.DEFORMABLE_DETR.get("INFERENCE_LINEAR_BACKEND", "auto"))
+    except ValueError as e:
+        raise ConfigError(str(e)) from e
 
 
 class ImagePredictor:

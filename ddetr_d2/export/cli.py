@@ -72,6 +72,10 @@ def export_main(argv):
         cfg = cfg.clone()
         cfg.defrost()
         cfg.MODEL.DEFORMABLE_DETR.INFERENCE_COMPILE = False  # tracing needs the plain modules
+    if cfg.MODEL.DEFORMABLE_DETR.get("INFERENCE_LINEAR_BACKEND", "auto") != "torch":
+        cfg = cfg.clone()
+        cfg.defrost()
+        cfg.MODEL.DEFORMABLE_DETR.INFERENCE_LINEAR_BACKEND = "torch"  # exporters know aten's linear only
     model = build_demo_model(cfg)
     image, input_size = None, None
     if args.sample_image:
