@@ -131,8 +131,10 @@ def test_two_stage_queries_are_the_proposals_ranked_after_the_detectors():
     for i in range(2):
         order = [j for j in np.argsort(-scores[i], kind="stable") if not pad[i, j]]
         expected = enc_coord[i, order[q : q + 7]].sigmoid()
-        assert torch.allclose(group.reference_points[i], expected, atol=0, rtol=0)
-        assert torch.allclose(ref[i], enc_coord[i, order[:q]].sigmoid(), atol=0, rtol=0)
+        # to one float32 ulp: the vectorised sigmoid rounds an element differently when it falls in a
+        # loop's tail (AVX-512 vs AVX2 widths); proposals of other ranks differ by >= 1e-2
+        torch.testing.assert_close(group.reference_points[i], expected, atol=1e-7, rtol=1e-6)
+        torch.testing.assert_close(ref[i], enc_coord[i, order[:q]].sigmoid(), atol=1e-7, rtol=1e-6)
     assert torch.equal(group.content[0], model.training_groups["one_to_many"].content.weight)
 
 
