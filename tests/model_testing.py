@@ -37,3 +37,28 @@ def demo_model_with_random_weights(cfg, folder):
     torch.save({"model": build_model(cfg).state_dict()}, weights)
     cfg.MODEL.WEIGHTS = weights
     return build_demo_model(cfg)
+
+
+def export_cli_model_cfg(folder, monkeypatch, opts):
+    """The config that ``tools/export_model.py``'s CLI (``ddetr_d2.export.cli.export_main``) hands to
+    ``build_demo_model`` for ``configs/tiny_test.yaml`` + ``opts``; the export itself is not run
+    (tests/test_export_model.py does)."""
+    import pytest
+
+    import ddetr_d2.demo.predictor as predictor
+    from ddetr_d2.export import cli
+
+    built = []
+
+    def spy(cfg, **kw):
+        built.append(cfg)
+        raise RuntimeError("stop after building")
+
+    monkeypatch.setattr(predictor, "build_demo_model", spy)
+    with pytest.raises(RuntimeError, match="stop after building"):
+        cli.export_main(
+            ["--config-file", os.path.join(ROOT, "configs", "tiny_test.yaml"), "--format", "onnx"]
+            + ["--output", str(folder), "--opts", *opts]
+        )
+    assert len(built) == 1
+    return built[0]

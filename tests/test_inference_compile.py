@@ -5,12 +5,11 @@ the weights are those of the first call and Dynamo traces with Inductor's global
 asked; never for a model in training mode; export turns it off."""
 
 import copy
-import os
 
 import pytest
 import torch
 from detectron2.modeling import build_model
-from model_testing import ROOT, demo_model_with_random_weights, tiny_cfg
+from model_testing import demo_model_with_random_weights, export_cli_model_cfg, tiny_cfg
 
 from ddetr_d2.modeling.inference_compile import compile_for_inference, inference_compiled_modules
 
@@ -83,31 +82,8 @@ def test_build_demo_model_passes_the_freezing_key(freezing, tmp_path, monkeypatc
 
 
 def test_export_builds_the_plain_model_when_compile_is_set(tmp_path, monkeypatch):
-    import ddetr_d2.demo.predictor as predictor
-    from ddetr_d2.export import cli
-
-    built = []
-
-    def spy(cfg, **kw):
-        built.append(cfg.MODEL.DEFORMABLE_DETR.INFERENCE_COMPILE)
-        raise RuntimeError("stop after building")  # the export itself is tests/test_export_model.py
-
-    monkeypatch.setattr(predictor, "build_demo_model", spy)
-    with pytest.raises(RuntimeError, match="stop after building"):
-        cli.export_main(
-            [
-                "--config-file",
-                os.path.join(ROOT, "configs", "tiny_test.yaml"),
-                "--format",
-                "onnx",
-                "--output",
-                str(tmp_path),
-                "--opts",
-                "MODEL.DEFORMABLE_DETR.INFERENCE_COMPILE",
-                "True",
-            ]
-        )
-    assert built == [False]
+    cfg = export_cli_model_cfg(tmp_path, monkeypatch, ["MODEL.DEFORMABLE_DETR.INFERENCE_COMPILE", "True"])
+    assert cfg.MODEL.DEFORMABLE_DETR.INFERENCE_COMPILE is False
 
 
 @pytest.mark.parametrize("freezing", [True, False])

@@ -68,14 +68,11 @@ def export_main(argv):
         raise ExportError(
             "export runs in float32: drop MODEL.DEFORMABLE_DETR.INFERENCE_DTYPE from the options"
         )
-    if cfg.MODEL.DEFORMABLE_DETR.get("INFERENCE_COMPILE", False):
-        cfg = cfg.clone()
-        cfg.defrost()
-        cfg.MODEL.DEFORMABLE_DETR.INFERENCE_COMPILE = False  # tracing needs the plain modules
-    if cfg.MODEL.DEFORMABLE_DETR.get("INFERENCE_LINEAR_BACKEND", "auto") != "torch":
-        cfg = cfg.clone()
-        cfg.defrost()
-        cfg.MODEL.DEFORMABLE_DETR.INFERENCE_LINEAR_BACKEND = "torch"  # exporters know aten's linear only
+    # tracing needs the plain modules: no compiled ones, aten's linear (exporters know no oneDNN op)
+    cfg = cfg.clone()
+    cfg.defrost()
+    cfg.MODEL.DEFORMABLE_DETR.INFERENCE_COMPILE = False
+    cfg.MODEL.DEFORMABLE_DETR.INFERENCE_LINEAR_BACKEND = "torch"
     model = build_demo_model(cfg)
     image, input_size = None, None
     if args.sample_image:
