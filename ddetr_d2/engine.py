@@ -12,9 +12,11 @@ iteration, optimizer, scheduler, the data sampler's seed and position, and (sing
 python / numpy / torch random states.
 """
 
+import atexit
 import itertools
 import logging
 import multiprocessing
+import multiprocessing.util
 import os
 import random
 import signal
@@ -146,6 +148,35 @@ def _leave_interrupts_to_the_main_process():
         signal.signal(s, signal.SIG_IGN)
 
 
+def _kill_daemonic_children():
+    """At exit, before ``multiprocessing``'s own exit handler: kill the daemonic children still alive
+    (data-loader workers). ``multiprocessing`` terminates daemonic children with SIGTERM and then joins
+    them; train-loader workers ignore SIGTERM (:func:`_leave_interrupts_to_the_main_process`), so a run
+    that ends with an exception while its loader is still referenced (a bug, a NaN loss) would otherwise
+    wait for them forever instead of exiting with its traceback. PyTorch's SIGCHLD handler, which would
+    report the killed workers as a second error, is reset first (the process is exiting)."""
+    children = [c for c in multiprocessing.active_children() if c.daemon]
+    if not children:
+        return
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    for child in children:
+        child.kill()
+        child.join(timeout=10)
+
+
+_worker_cleanup_registered = False
+
+
+def _register_worker_cleanup():
+    """Register :func:`_kill_daemonic_children` once, after ``multiprocessing.util``'s exit handler
+    (imported above), so that it runs first (atexit runs handlers last-in, first-out)."""
+    global _worker_cleanup_registered
+    if not _worker_cleanup_registered:
+        atexit.register(_kill_daemonic_children)
+        _worker_cleanup_registered = True
+
+
 class ResumableTrainingSampler(TrainingSampler):
     """Detectron2's ``TrainingSampler`` (an infinite, seeded stream of shuffled indices, split among
     processes) that can start part-way: a run resumed at iteration ``i`` sets ``start_index`` to the
@@ -155,6 +186,7 @@ class ResumableTrainingSampler(TrainingSampler):
     def __init__(self, size, shuffle=True, seed=None):
         super().__init__(size, shuffle=shuffle, seed=seed)
         self.start_index = 0
+        _register_worker_cleanup()  # its workers ignore SIGTERM: see _kill_daemonic_children
 
     def __iter__(self):
         _leave_interrupts_to_the_main_process()

@@ -308,6 +308,43 @@ def test_signals_save_a_checkpoint_and_resume_continues(data, tmp_path):
     assert {int(s["step"]) for s in optim["state"].values()} == {saved["iteration"] + 1}
 
 
+_FAILING_RUN = """
+import runpy, sys
+from ddetr_d2.modeling.meta_arch import DeformableDETR
+forward, calls = DeformableDETR.forward, []
+def failing_forward(self, *args, **kwargs):
+    if self.training:
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("injected failure at training call 3")
+    return forward(self, *args, **kwargs)
+DeformableDETR.forward = failing_forward
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+@pytest.mark.slow
+def test_a_failing_run_exits_with_its_traceback(data, tmp_path):
+    """An exception in training (injected into the model's forward) ends the process with exit 1 and the
+    traceback, with a data-loader worker running. The train workers ignore SIGTERM (previous test), which
+    multiprocessing's exit handler sends its daemonic children before joining them: the process used to
+    hang there forever."""
+    cmd = _cmd(data, tmp_path / "fail", opts=["SOLVER.MAX_ITER", "50", "DATALOADER.NUM_WORKERS", "1"])
+    cmd = [sys.executable, "-c", _FAILING_RUN, *cmd[1:]]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(), cwd=REPO,
+                            start_new_session=True)  # fmt: skip
+    try:
+        out, err = proc.communicate(timeout=240)  # a failure guard: the run fails at its 3rd iteration
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        pytest.fail("the failed run did not exit (hung at exit)")
+    assert proc.returncode == 1, err[-3000:]
+    assert err.strip().splitlines()[-1] == "RuntimeError: injected failure at training call 3", err[-3000:]
+    assert "Traceback" in err and "killed by signal" not in err and "Exception ignored" not in err
+
+
 @pytest.mark.slow
 def test_eval_only_refuses_weights_that_do_not_fit(data, tmp_path):
     """Weights of another model (3 classes) into the 6-class config: exit 2, the keys named, no
