@@ -332,8 +332,10 @@ def test_a_failing_run_exits_with_its_traceback(data, tmp_path):
     hang there forever."""
     cmd = _cmd(data, tmp_path / "fail", opts=["SOLVER.MAX_ITER", "50", "DATALOADER.NUM_WORKERS", "1"])
     cmd = [sys.executable, "-c", _FAILING_RUN, *cmd[1:]]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(), cwd=REPO,
-                            start_new_session=True)  # fmt: skip
+    pipe = subprocess.PIPE
+    proc = subprocess.Popen(
+        cmd, stdout=pipe, stderr=pipe, text=True, env=_env(), cwd=REPO, start_new_session=True
+    )
     try:
         out, err = proc.communicate(timeout=240)  # a failure guard: the run fails at its 3rd iteration
     except subprocess.TimeoutExpired:
