@@ -1,6 +1,6 @@
 """Dataset registration: the built-in synthetic shapes splits and user COCO folders.
 
-* ``synthetic_shapes_train`` / ``synthetic_shapes_val`` are generated on first use into
+* ``synthetic_shapes_train`` / ``synthetic_shapes_val`` / ``synthetic_shapes_tune`` are generated on first use into
   ``$DDETR_DATASETS/synthetic_shapes`` (or ``./datasets/synthetic_shapes``). Generation goes to a
   temporary folder that is renamed into place, under a file lock, so concurrent processes
   (DDP ranks, parallel test runs) never see a half-written split.
@@ -42,6 +42,8 @@ logger = logging.getLogger(__name__)
 SYNTHETIC_SPLITS = {
     "synthetic_shapes_train": ("train", 3000, 0),
     "synthetic_shapes_val": ("val", 200, 1),
+    # a held-out split for choosing settings (test size, thresholds) so that val is reported, not tuned on
+    "synthetic_shapes_tune": ("tune", 200, 2),
 }
 SYNTHETIC_IMAGE_SIZE = 160
 
@@ -86,7 +88,7 @@ def ensure_synthetic_split(root: str, split: str, num_images: int, seed: int, im
 
 
 def register_synthetic_shapes(root: str | None = None) -> None:
-    """Register ``synthetic_shapes_{train,val}`` (lazy: generated when first loaded)."""
+    """Register ``synthetic_shapes_{train,val,tune}`` (lazy: generated when first loaded)."""
     for name, (split, num_images, seed) in SYNTHETIC_SPLITS.items():
         if name in DatasetCatalog.list():
             continue
