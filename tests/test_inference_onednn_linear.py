@@ -97,7 +97,7 @@ def test_packed_linear_follows_in_place_weight_changes_and_copies():
 def test_tracing_records_the_plain_linear():
     torch.manual_seed(fresh_seed())
     model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4)).eval()
-    use_onednn_linears(model)
+    assert use_onednn_linears(model, min_weights=0) == 2
     x = torch.randn(3, 8)
     with torch.no_grad():
         traced = torch.jit.trace(model, x)
@@ -114,11 +114,22 @@ def test_use_onednn_linears_swaps_plain_linears_only():
     with pytest.raises(ValueError, match="inference only"):
         use_onednn_linears(model.train())
     before = copy.deepcopy(model.state_dict())
-    assert use_onednn_linears(model.eval()) == 2
+    assert use_onednn_linears(model.eval(), min_weights=0) == 2
     assert all(isinstance(m, PackedLinear) for m in model["mlp"])
     assert type(model["attn"].out_proj) is not PackedLinear
     after = model.state_dict()
     assert list(after) == list(before) and all(torch.equal(after[k], before[k]) for k in before)
+
+
+def test_small_linears_are_left_to_pytorch():
+    """By default only layers with at least PACKED_LINEAR_MIN_WEIGHTS weights are swapped (oneDNN's fixed
+    cost per call is larger than a small GEMM)."""
+    limit = onednn_linear.PACKED_LINEAR_MIN_WEIGHTS
+    width = limit // 256
+    model = nn.Sequential(nn.Linear(256, width), nn.Linear(width, 255), nn.Linear(64, 128)).eval()
+    assert model[0].weight.numel() == limit and model[1].weight.numel() == limit - limit // 256
+    assert use_onednn_linears(model) == 1
+    assert [type(m) for m in model] == [PackedLinear, nn.Linear, nn.Linear]
 
 
 def test_packed_linears_compile_with_freezing():
@@ -131,7 +142,7 @@ def test_packed_linears_compile_with_freezing():
     with torch.no_grad():
         ref = model.double()(x.double())
     model.float()
-    use_onednn_linears(model)
+    assert use_onednn_linears(model, min_weights=0) == 2
     torch._dynamo.reset()
     compiled = torch.compile(model)
     with torch.no_grad(), inductor_config.patch(freezing=True):
@@ -151,7 +162,8 @@ def test_resolve_linear_backend(monkeypatch):
         resolve_linear_backend("mkl")
 
 
-def test_build_demo_model_per_backend(tmp_path):
+def test_build_demo_model_per_backend(tmp_path, monkeypatch):
+    monkeypatch.setattr(onednn_linear, "PACKED_LINEAR_MIN_WEIGHTS", 0)  # the tiny model's layers too
     models = {}
     for backend in ("onednn", "torch"):
         cfg = tiny_cfg(INFERENCE_LINEAR_BACKEND=backend)

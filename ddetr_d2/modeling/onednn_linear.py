@@ -8,6 +8,9 @@ weight packed (docs/benchmarks.md). :func:`use_onednn_linears` swaps the model's
 :class:`PackedLinear`: same parameters (and ``state_dict`` keys), a oneDNN copy of the weight packed once,
 and ``torch.ops.mkldnn._linear_pointwise`` in float32 eval-mode forwards without autograd. Anything else
 (training, gradients, autocast, another dtype or device, tracing for export) runs the plain ``F.linear``.
+Layers with fewer than :data:`PACKED_LINEAR_MIN_WEIGHTS` weights are not swapped: oneDNN's call costs ~15 us
+more than ``F.linear``'s, which a small GEMM does not pay back (64 -> 128 on 30 rows: 27 vs 11 us; the
+video tracker's d=64 model and its query update run dozens of them per frame).
 """
 
 import functools
@@ -19,6 +22,7 @@ from torch import nn
 
 __all__ = [
     "INFERENCE_LINEAR_BACKENDS",
+    "PACKED_LINEAR_MIN_WEIGHTS",
     "PackedLinear",
     "cpu_vendor",
     "onednn_linear_available",
@@ -29,6 +33,10 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 INFERENCE_LINEAR_BACKENDS = ("auto", "onednn", "torch")
+
+# in_features x out_features from which use_onednn_linears swaps a layer (128 x 256: the smallest FFN
+# measured faster on oneDNN; every layer of the R-50 models' encoder and decoder has at least as many)
+PACKED_LINEAR_MIN_WEIGHTS = 128 * 256
 
 
 @functools.cache
@@ -132,18 +140,21 @@ class PackedLinear(nn.Linear):
         return state
 
 
-def use_onednn_linears(module):
+def use_onednn_linears(module, min_weights=None):
     """
     In place: every ``nn.Linear`` of ``module`` (exactly that class, not subclasses such as
-    ``nn.MultiheadAttention``'s ``out_proj``) becomes a :class:`PackedLinear` with the same parameters.
+    ``nn.MultiheadAttention``'s ``out_proj``) with at least ``min_weights`` weights (default
+    :data:`PACKED_LINEAR_MIN_WEIGHTS`) becomes a :class:`PackedLinear` with the same parameters.
     For inference-only models with their weights loaded. Returns the number of layers swapped.
     """
+    if min_weights is None:
+        min_weights = PACKED_LINEAR_MIN_WEIGHTS
     if module.training:
         raise ValueError("use_onednn_linears is for inference only: call module.eval() first")
     swapped = 0
     for parent in list(module.modules()):
         for name, child in list(parent.named_children()):
-            if type(child) is nn.Linear:
+            if type(child) is nn.Linear and child.weight.numel() >= min_weights:
                 setattr(parent, name, PackedLinear.from_linear(child))
                 swapped += 1
     logger.debug("%d linear layers on oneDNN with packed weights", swapped)
