@@ -152,6 +152,7 @@ def add_deformable_detr_config(cfg):
     # GEMM (MKL). "auto": on AMD CPUs, where MKL's float32 GEMM is the slower one (2 cores of an AVX-512
     # EPYC, R-50 at 800x1066: the encoder's linear layers ~1.35x faster, docs/benchmarks.md); "onednn":
     # always; "torch": never (PyTorch's own; the "auto" choice on other CPUs, not measured against it).
+    # Layers under 128 x 256 weights keep F.linear either way (oneDNN's per-call cost is larger there).
     _C.INFERENCE_LINEAR_BACKEND = "auto"
 
     # optimizer (used by ddetr_d2/solver.py)
