@@ -22,6 +22,7 @@ import random
 import signal
 import sys
 import threading
+import time
 import weakref
 
 import numpy as np
@@ -148,21 +149,28 @@ def _leave_interrupts_to_the_main_process():
         signal.signal(s, signal.SIG_IGN)
 
 
-def _kill_daemonic_children():
-    """At exit, before ``multiprocessing``'s own exit handler: kill the daemonic children still alive
+def _kill_daemonic_children(grace_seconds=1.0):
+    """At exit, before ``multiprocessing``'s own exit handler: end the daemonic children still alive
     (data-loader workers). ``multiprocessing`` terminates daemonic children with SIGTERM and then joins
     them; train-loader workers ignore SIGTERM (:func:`_leave_interrupts_to_the_main_process`), so a run
     that ends with an exception while its loader is still referenced (a bug, a NaN loss) would otherwise
-    wait for them forever instead of exiting with its traceback. PyTorch's SIGCHLD handler, which would
-    report the killed workers as a second error, is reset first (the process is exiting)."""
+    wait for them forever instead of exiting with its traceback. Here: SIGTERM, then SIGKILL for those
+    still alive after ``grace_seconds``. PyTorch's SIGCHLD handler, which would report the ended workers
+    as a second error, is reset first (the process is exiting)."""
     children = [c for c in multiprocessing.active_children() if c.daemon]
     if not children:
         return
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
     for child in children:
-        child.kill()
-        child.join(timeout=10)
+        child.terminate()
+    deadline = time.monotonic() + grace_seconds
+    for child in children:
+        child.join(timeout=max(0.0, deadline - time.monotonic()))
+    for child in children:
+        if child.is_alive():
+            child.kill()
+            child.join(timeout=10)
 
 
 _worker_cleanup_registered = False
