@@ -137,6 +137,26 @@ class AtomicDetectionCheckpointer(DetectionCheckpointer):
         path = os.path.join(self.save_dir, "last_checkpoint")
         self._atomic_write(path, lambda f: f.write(last_filename_basename), "w")
 
+    def resume_or_load(self, path, *, resume=True):
+        """fvcore's ``resume_or_load``; a ``last_checkpoint`` naming a file that is gone (deleted to save
+        space, a partial copy of the folder) raises :class:`CheckpointError` listing the checkpoints there."""
+        if resume and self.has_checkpoint():
+            last = self.get_checkpoint_file()
+            if not PathManager.isfile(last):
+                folder = os.path.dirname(last)
+                names = sorted(n for n in PathManager.ls(folder) if n.endswith(".pth"))
+                what = (
+                    f"checkpoints in {folder}: {', '.join(names)}. Write the name of one of them into "
+                    "last_checkpoint, or start without --resume."
+                    if names
+                    else f"no checkpoint is left in {folder}: start without --resume."
+                )
+                raise CheckpointError(
+                    f"--resume: {os.path.join(self.save_dir, 'last_checkpoint')} names "
+                    f"{os.path.basename(last)}, which does not exist; {what}"
+                )
+        return super().resume_or_load(path, resume=resume)
+
     def _load_file(self, filename):
         try:
             return super()._load_file(filename)
@@ -192,6 +212,8 @@ def load_weights_checked(model, weights, allow_mismatch=False):
     if not weights:
         logger.warning("MODEL.WEIGHTS is empty: the model keeps its random initialisation")
         return None
+    if "://" not in weights and os.path.isdir(weights):
+        raise WeightsError(f"MODEL.WEIGHTS {weights} is a directory: give a file (e.g. its model_final.pth)")
     if "://" not in weights and not os.path.isfile(weights):
         raise WeightsError(f"weights file not found: {weights} (set MODEL.WEIGHTS)")
     checkpointer = _RecordingCheckpointer(model)

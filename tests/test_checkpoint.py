@@ -14,8 +14,14 @@ import torch
 from detectron2.utils.file_io import PathHandler, PathManager
 
 import ddetr_d2.checkpoint as ckpt_module
-from ddetr_d2.checkpoint import AtomicDetectionCheckpointer, CheckpointError, remove_stale_temporaries
+from ddetr_d2.checkpoint import (
+    AtomicDetectionCheckpointer,
+    CheckpointError,
+    load_weights_checked,
+    remove_stale_temporaries,
+)
 from ddetr_d2.engine import ResumableTrainingSampler, TrainingRandomState
+from ddetr_d2.errors import WeightsError
 
 
 def test_truncated_checkpoint_gives_clear_error(tmp_path):
@@ -33,6 +39,24 @@ def test_truncated_checkpoint_gives_clear_error(tmp_path):
         AtomicDetectionCheckpointer(torch.nn.Linear(3, 2), save_dir=str(tmp_path)).resume_or_load(
             "", resume=True
         )
+
+
+def test_resume_from_a_missing_checkpoint_names_it(tmp_path):
+    ck = AtomicDetectionCheckpointer(torch.nn.Linear(3, 2), save_dir=str(tmp_path))
+    ck.save("model_0000004")
+    (tmp_path / "last_checkpoint").write_text("model_0000009.pth")  # deleted, or not copied
+    gone = r"model_0000009\.pth, which does not exist; .*: model_0000004\.pth"
+    with pytest.raises(CheckpointError, match=gone):
+        ck.resume_or_load("", resume=True)
+    assert ck.resume_or_load("", resume=False) == {}  # without --resume: MODEL.WEIGHTS (empty) as before
+    (tmp_path / "model_0000004.pth").unlink()
+    with pytest.raises(CheckpointError, match="no checkpoint is left in .*: start without --resume"):
+        ck.resume_or_load("", resume=True)
+
+
+def test_weights_given_as_a_folder_say_so(tmp_path):
+    with pytest.raises(WeightsError, match="is a directory"):
+        load_weights_checked(torch.nn.Linear(3, 2), str(tmp_path))
 
 
 def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
