@@ -1,7 +1,7 @@
 """Dataset registration: the built-in synthetic shapes splits and user COCO folders.
 
-* ``synthetic_shapes_train`` / ``synthetic_shapes_val`` / ``synthetic_shapes_tune`` are generated on first use into
-  ``$DDETR_DATASETS/synthetic_shapes`` (or ``./datasets/synthetic_shapes``). Generation goes to a
+* ``synthetic_shapes_train`` / ``synthetic_shapes_val`` / ``synthetic_shapes_tune`` are generated on first
+  use into ``$DDETR_DATASETS/synthetic_shapes`` (or ``./datasets/synthetic_shapes``). Generation goes to a
   temporary folder that is renamed into place, under a file lock, so concurrent processes
   (DDP ranks, parallel test runs) never see a half-written split.
 * :func:`register_coco_folder` registers any COCO-format json + image folder; its loader checks
