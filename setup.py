@@ -51,7 +51,8 @@ def get_extensions():
     sources += sorted(glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
     if not sources:
         return []
-    extra_compile_args = {"cxx": ["-O3", "-fopenmp", "-std=c++17"]}
+    # no -std flag: torch's BuildExtension adds the standard its headers need (C++17 for torch 2.3, C++20 for newer)
+    extra_compile_args = {"cxx": ["-O3", "-fopenmp"]}
     define_macros = []
     extension = CppExtension
     if _cuda_wanted():
