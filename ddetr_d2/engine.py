@@ -46,6 +46,7 @@ from .data import DetrDatasetMapper
 from .errors import UserError
 from .evaluation import build_evaluator
 from .solver import build_optimizer
+from .time_budget import TimeBudget
 
 __all__ = [
     "DeformableDetrTrainer",
@@ -58,6 +59,7 @@ __all__ = [
     "load_eval_weights",
     "run_entry_point",
     "train_or_evaluate",
+    "train_until_max_iter",
 ]
 
 logger = logging.getLogger(__name__)
@@ -269,6 +271,29 @@ class RestoreRandomState(HookBase):
             self.data_state.apply_pending()
 
 
+def train_until_max_iter(trainer):
+    """``TrainerBase.train``'s loop from ``trainer.start_iter``, except that it ends at ``trainer.max_iter``
+    as it stands after each step: :class:`~ddetr_d2.time_budget.TimeBudget` may lower it during the run."""
+    from detectron2.utils.events import EventStorage
+
+    logger.info(f"Starting training from iteration {trainer.start_iter}")
+    trainer.iter = trainer.start_iter
+    with EventStorage(trainer.start_iter) as trainer.storage:
+        try:
+            trainer.before_train()
+            while trainer.iter < trainer.max_iter:
+                trainer.before_step()
+                trainer.run_step()
+                trainer.after_step()
+                trainer.iter += 1
+            # trainer.iter == trainer.max_iter: after_train hooks read it as a finished run
+        except Exception:
+            logger.exception("Exception during training:")
+            raise
+        finally:
+            trainer.after_train()
+
+
 class DeformableDetrTrainer(DefaultTrainer):
     """DefaultTrainer with the DETR mapper, the Deformable DETR optimizer, evaluation by the dataset's
     ``evaluator_type``, atomic checkpoints, save-on-signal, exact resume and CPU (gloo) DDP."""
@@ -302,10 +327,27 @@ class DeformableDetrTrainer(DefaultTrainer):
         return build_optimizer(cfg, model)
 
     def build_hooks(self):
-        return super().build_hooks() + [
-            InterruptCheckpointer(self.checkpointer),
-            RestoreRandomState(self.data_state),
-        ]
+        # TimeBudget first: a shortened run must reach the lr scheduler and the checkpointer in the same step
+        seconds = self.cfg.SOLVER.TIME_BUDGET_SECONDS
+        budget = [TimeBudget(seconds)] if seconds > 0 else []
+        return (
+            budget
+            + super().build_hooks()
+            + [
+                InterruptCheckpointer(self.checkpointer),
+                RestoreRandomState(self.data_state),
+            ]
+        )
+
+    def train(self):
+        """``DefaultTrainer.train`` with :func:`train_until_max_iter` as its loop."""
+        from detectron2.evaluation import verify_results
+
+        train_until_max_iter(self)
+        if len(self.cfg.TEST.EXPECTED_RESULTS) and comm.is_main_process():
+            assert hasattr(self, "_last_eval_results"), "No evaluation results obtained during training!"
+            verify_results(self.cfg, self._last_eval_results)
+            return self._last_eval_results
 
     def resume_or_load(self, resume=True):
         super().resume_or_load(resume=resume)
