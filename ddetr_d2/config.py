@@ -166,11 +166,11 @@ def add_deformable_detr_config(cfg):
     cfg.SOLVER.CLIP_GRADIENTS.CLIP_TYPE = "full_model"
     cfg.SOLVER.CLIP_GRADIENTS.CLIP_VALUE = 0.1
     cfg.SOLVER.CLIP_GRADIENTS.NORM_TYPE = 2.0
-    # > 0: a wall-clock budget (seconds) for the training loop. After its first 100 iterations the run
+    # > 0: a wall-clock budget (whole seconds) for the training loop. After its first 100 iterations the run
     # measures its speed; if SOLVER.MAX_ITER iterations would not fit, MAX_ITER is lowered to what fits and
     # the lr schedule (STEPS, warm-up) scaled with it (ddetr_d2/time_budget.py). A faster machine trains
     # the configured schedule unchanged. 0: off.
-    cfg.SOLVER.TIME_BUDGET_SECONDS = 0.0
+    cfg.SOLVER.TIME_BUDGET_SECONDS = 0
 
     # input / backbone: torchvision R-50, RGB
     cfg.INPUT.FORMAT = "RGB"
