@@ -140,3 +140,16 @@ def test_a_run_resumed_before_the_decision_measures_its_own_iterations():
 def test_the_budget_must_be_positive(seconds):
     with pytest.raises(ValueError, match="seconds > 0"):
         TimeBudget(seconds)
+
+
+def test_under_ddp_every_process_takes_the_slowest_ones_figures(monkeypatch):
+    # this process runs at 1 s/it; a peer reports 2 s/it and 250 s spent: both stop at the peer's count
+    import ddetr_d2.time_budget as tb
+
+    monkeypatch.setattr(tb.comm, "get_world_size", lambda: 2)
+    monkeypatch.setattr(tb.comm, "all_gather", lambda mine: [mine, (2.0, 250.0)])
+    clock = FakeClock()
+    budget = TimeBudget(400.0, clock=clock)
+    run = ToyTrainer(400, (320,), clock, lambda it: 1.0, budget=budget)
+    train_until_max_iter(run)
+    assert budget.decided_max_iter == run.iter == 100 + (400 - 250) // 2
