@@ -114,7 +114,10 @@ class TimeBudget(HookBase):
         self._apply(new_max)
 
     def _steps_text(self, new_max):
-        steps = getattr(self.trainer.cfg.SOLVER, "STEPS", ()) if hasattr(self.trainer, "cfg") else ()
+        solver = self.trainer.cfg.SOLVER if hasattr(self.trainer, "cfg") else None
+        if solver is None or solver.get("LR_SCHEDULER_NAME", "WarmupMultiStepLR") != "WarmupMultiStepLR":
+            return "the schedule is a function of iteration / max_iter"
+        steps = solver.get("STEPS", ())
         if not steps:
             return "no lr steps"
         scale = new_max / self.configured_max_iter
