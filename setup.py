@@ -51,7 +51,8 @@ def get_extensions():
     sources += sorted(glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
     if not sources:
         return []
-    # no -std flag: torch's BuildExtension adds the standard its headers need (C++17 for torch 2.3, C++20 for newer)
+    # no -std flag: torch's BuildExtension adds the standard its headers need (C++17 for torch 2.3;
+    # C++20 for newer ones, e.g. 2.14)
     extra_compile_args = {"cxx": ["-O3", "-fopenmp"]}
     define_macros = []
     extension = CppExtension
