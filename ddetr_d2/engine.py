@@ -43,7 +43,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from .checkpoint import AtomicDetectionCheckpointer, load_weights_checked
 from .data import DetrDatasetMapper
-from .errors import UserError
+from .errors import ConfigError, UserError
 from .evaluation import build_evaluator
 from .solver import build_optimizer
 from .time_budget import TimeBudget
@@ -329,6 +329,8 @@ class DeformableDetrTrainer(DefaultTrainer):
     def build_hooks(self):
         # TimeBudget first: a shortened run must reach the lr scheduler and the checkpointer in the same step
         seconds = self.cfg.SOLVER.TIME_BUDGET_SECONDS
+        if seconds < 0:
+            raise ConfigError(f"SOLVER.TIME_BUDGET_SECONDS must be >= 0 (0: no budget), got {seconds}")
         budget = [TimeBudget(seconds)] if seconds > 0 else []
         return (
             budget

@@ -424,12 +424,19 @@ def test_bad_dataset_stops_before_the_model_is_built(tmp_path):
     assert "DATASETS.INVALID_BOXES drop" in err[4]
 
 
-def test_user_errors_are_one_line(tmp_path):
-    """A config error (AMP on CPU): exit 2 and one error line, no traceback."""
-    cmd = [sys.executable, TRAIN_NET, "--config-file", os.path.join(REPO, "configs", "tiny_test.yaml"),
-           "SOLVER.AMP.ENABLED", "True", "OUTPUT_DIR", str(tmp_path)]  # fmt: skip
+@pytest.mark.parametrize(
+    "opts, message",
+    [
+        (["SOLVER.AMP.ENABLED", "True"], "error: SOLVER.AMP.ENABLED=True needs a CUDA device"),
+        (["SOLVER.TIME_BUDGET_SECONDS", "-5"], "error: SOLVER.TIME_BUDGET_SECONDS must be >= 0"),
+    ],
+)
+def test_user_errors_are_one_line(opts, message, data, tmp_path):
+    """A config error (AMP on CPU, a negative time budget): exit 2 and one error line, no traceback."""
+    cmd = [sys.executable, TRAIN_NET, "--config-file", os.path.join(REPO, "configs", "tiny_test.yaml"), *data,
+           "DATASETS.TRAIN", '("tiny_train",)', *opts, "OUTPUT_DIR", str(tmp_path)]  # fmt: skip
     p = subprocess.run(cmd, capture_output=True, text=True, env=_env(), cwd=REPO, timeout=240)
     assert p.returncode == 2, p.stderr[-3000:]
     assert "Traceback" not in p.stderr
     errors = [line for line in p.stderr.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1 and errors[0].startswith("error: SOLVER.AMP.ENABLED=True needs a CUDA device")
+    assert len(errors) == 1 and errors[0].startswith(message), errors
