@@ -18,6 +18,9 @@ boxes of the track queries and of the detect queries,
   counter resets. Without it such a detection is suppressed as a duplicate and the object goes unreported
   until the track recovers or dies (then it is born again under a new id).
 
+With ``detect_sees`` other than "all" (not in MOTR), it also tells the model which track queries the detect
+queries may not attend to this frame (:meth:`hidden_from_detect`).
+
 It only works on tensors of scores and boxes, so it is unit-testable without a model. Built from a config by
 ``ddetr_video.tracking.build_tracker`` (``MODEL.TRACKER.ASSOCIATION: "RuntimeTracker"``).
 """
@@ -27,7 +30,12 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-__all__ = ["RuntimeTracker", "TrackSlots", "TrackerUpdate", "pairwise_iou"]
+from ddetr_d2.errors import ConfigError
+
+__all__ = ["DETECT_SEES", "RuntimeTracker", "TrackSlots", "TrackerUpdate", "pairwise_iou"]
+
+#: values of ``MODEL.TRACKER.DETECT_SEES_TRACKS`` (see :meth:`RuntimeTracker.hidden_from_detect`)
+DETECT_SEES = ("all", "shown", "none")
 
 
 @dataclass
@@ -146,6 +154,11 @@ class RuntimeTracker(TrackSlots):
             and counts as a miss (None: tracks are never compared with each other).
         rebind_missed: a would-be birth overlapping a track missed this frame (IoU > ``duplicate_iou``) and
             no visible track takes over that track (same id) instead of being suppressed.
+        detect_sees: which track queries the detect queries attend to (:meth:`hidden_from_detect`): "all"
+            (MOTR), "shown" (not those of tracks missed in the previous frame) or "none".
+        unseen_track_iou: the IoU that stands in for ``duplicate_iou`` between a detection and a track whose
+            query the detect queries did not see this frame (nothing told them the object is tracked, so a
+            detection on it overlaps the track's box less than a duplicate of a seen track does).
     """
 
     def __init__(
@@ -156,6 +169,8 @@ class RuntimeTracker(TrackSlots):
         duplicate_iou=0.7,
         track_duplicate_iou=None,
         rebind_missed=False,
+        detect_sees="all",
+        unseen_track_iou=0.1,
     ):
         if not 0.0 <= keep_threshold <= 1.0 or not 0.0 <= birth_threshold <= 1.0:
             raise ValueError(
@@ -169,11 +184,19 @@ class RuntimeTracker(TrackSlots):
         self.duplicate_iou = float(duplicate_iou)
         self.track_duplicate_iou = None if track_duplicate_iou is None else float(track_duplicate_iou)
         self.rebind_missed = bool(rebind_missed)
+        if detect_sees not in DETECT_SEES:
+            raise ValueError(f"detect_sees must be one of {DETECT_SEES}, got {detect_sees!r}")
+        self.detect_sees = detect_sees
+        self.unseen_track_iou = float(unseen_track_iou)
         self.reset()
 
     @classmethod
     def from_config(cls, cfg):
         tc = cfg.MODEL.TRACKER
+        if tc.DETECT_SEES_TRACKS not in DETECT_SEES:
+            raise ConfigError(
+                f"MODEL.TRACKER.DETECT_SEES_TRACKS: expected one of {DETECT_SEES}, got {tc.DETECT_SEES_TRACKS!r}"
+            )
         return cls(
             birth_threshold=tc.BIRTH_THRESHOLD,
             keep_threshold=tc.KEEP_THRESHOLD,
@@ -181,7 +204,20 @@ class RuntimeTracker(TrackSlots):
             duplicate_iou=tc.DUPLICATE_IOU,
             track_duplicate_iou=tc.TRACK_DUPLICATE_IOU if tc.TRACK_DUPLICATE_IOU > 0 else None,
             rebind_missed=tc.REBIND_MISSED_TRACKS,
+            detect_sees=tc.DETECT_SEES_TRACKS,
+            unseen_track_iou=tc.UNSEEN_TRACK_IOU,
         )
+
+    def hidden_from_detect(self):
+        """(T,) bool over the current track slots: True where the detect queries may not attend to that track's
+        query this frame ("shown": the track was missed in the previous frame; "none": every track); None when
+        no track is hidden."""
+        if self.detect_sees == "all" or len(self) == 0:
+            return None
+        if self.detect_sees == "none":
+            return torch.ones(len(self), dtype=torch.bool)
+        missed = self.misses > 0
+        return missed if bool(missed.any()) else None
 
     def update(self, track_scores, track_boxes, det_scores, det_boxes):
         """
@@ -194,6 +230,8 @@ class RuntimeTracker(TrackSlots):
             :class:`TrackerUpdate`; ``self`` now holds the new slot order.
         """
         T = self._check_frame(track_scores, track_boxes, det_scores, det_boxes)
+        unseen = self.hidden_from_detect()  # the tracks the detect queries did not see this frame
+        unseen = [False] * T if unseen is None else unseen.tolist()
         track_boxes = track_boxes.detach().float().cpu()
         det_boxes = det_boxes.detach().float().cpu()
         # A frame has tens of boxes: the bookkeeping runs on Python lists (a tensor op per box costs more
@@ -218,6 +256,8 @@ class RuntimeTracker(TrackSlots):
             hit = [h and i in kept for i, h in enumerate(hit)]
         misses = [0 if h else m + 1 for h, m in zip(hit, self.misses.tolist())]
         dup_thr = _f32(self.duplicate_iou)
+        # a detection is "on" track i if their IoU exceeds this (births vs births: dup_thr)
+        on_thr = [_f32(self.unseen_track_iou) if u else dup_thr for u in unseen]
         cand = sorted(
             (q for q in range(len(d_scores)) if d_scores[q] >= birth_thr), key=lambda q: -d_scores[q]
         )
@@ -229,11 +269,11 @@ class RuntimeTracker(TrackSlots):
             shown = [i for i in range(T) if hit[i]]
             for q in cand:
                 row = iou[T + q]
-                if any(row[k] > dup_thr for k in shown):
+                if any(row[k] > on_thr[k] for k in shown):
                     continue
                 if any(row[T + r] > dup_thr for r in rebound.values()):
                     continue
-                free = [i for i in range(T) if not hit[i] and i not in rebound and row[i] > dup_thr]
+                free = [i for i in range(T) if not hit[i] and i not in rebound and row[i] > on_thr[i]]
                 if free:
                     rebound[max(free, key=lambda i: row[i])] = q  # ties: the first slot
             for i in rebound:
@@ -244,8 +284,8 @@ class RuntimeTracker(TrackSlots):
         # 3) births: threshold, then suppress overlaps with live tracks (a re-bound track: its old box and
         # its detection's) and with better births
         taken = set(rebound.values())
-        blockers = keep + [T + q for q in taken]
-        cand = [q for q in cand if q not in taken and not any(iou[T + q][k] > dup_thr for k in blockers)]
+        blockers = [(k, on_thr[k]) for k in keep] + [(T + q, dup_thr) for q in taken]
+        cand = [q for q in cand if q not in taken and not any(iou[T + q][k] > thr for k, thr in blockers)]
         births = _greedy_nms(cand, [[iou[T + q][T + r] for r in cand] for q in cand], self.duplicate_iou)
 
         return self._commit(keep, misses, births, [hit[i] for i in keep], rebound, rebound)

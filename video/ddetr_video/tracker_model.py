@@ -23,6 +23,7 @@ propagation (``RuntimeTracker``) or, on the same weights, the detect queries alo
 Scores are one per query (its best class; see :func:`ddetr_video.tracking.query_instances`).
 """
 
+import dataclasses
 import math
 
 import torch
@@ -189,9 +190,10 @@ class QueryTracker(DeformableDETR):
         z = torch.zeros(0, self.hidden_dim, device=self._device)
         return z, z.clone(), torch.zeros(0, 4, device=self._device)
 
-    def frame_forward(self, images, tracks):
+    def frame_forward(self, images, tracks, hidden=None):
         """
-        Run one frame (batch of 1 image) with ``tracks = (tgt (T, C), query_pos (T, C), ref (T, 4))``.
+        Run one frame (batch of 1 image) with ``tracks = (tgt (T, C), query_pos (T, C), ref (T, 4))``;
+        ``hidden``: None or (T,) bool, track queries the detect queries may not attend to (inference).
 
         Returns a dict: ``pred_logits`` (T+Q, K), ``pred_boxes`` (T+Q, 4) cxcywh in [0, 1] of the unpadded
         image, ``aux_outputs`` (list of such dicts, earlier layers), ``hs`` (T+Q, C) last-layer embeddings,
@@ -217,6 +219,14 @@ class QueryTracker(DeformableDETR):
             ],
             blocked=[("detect", "track")] if blind and t_tgt.shape[0] else (),
         )
+        if hidden is not None and not blind and bool(hidden.any()):
+            T = t_tgt.shape[0]
+            if hidden.shape != (T,):
+                raise ValueError(f"hidden must be ({T},) bool for {T} track queries, got {tuple(hidden.shape)}")
+            n = queries.content.shape[1]
+            mask = torch.zeros((n, n), dtype=torch.bool, device=queries.content.device)
+            mask[T:, :T] = hidden.to(mask.device)[None]
+            queries = dataclasses.replace(queries, attn_mask=mask)
         self._set_track_attention(t_tgt.shape[0])
         try:
             hs, init_ref, inter_refs = self.transformer.forward_decoder(
@@ -428,7 +438,8 @@ class QueryTracker(DeformableDETR):
         images = self.preprocess_image([frame])
         size = images.image_sizes[0]
         tracks = self._state if self._state is not None else self._empty_tracks()
-        out = self.frame_forward(images, tracks)
+        hide = getattr(self.tracker, "hidden_from_detect", None)
+        out = self.frame_forward(images, tracks, hidden=hide() if hide is not None else None)
         T = out["num_tracks"]
         inst = query_instances(out["pred_logits"], out["pred_boxes"], size)
         boxes = inst.pred_boxes.tensor

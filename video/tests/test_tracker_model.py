@@ -164,7 +164,7 @@ class _StaticDouble:
         self.model, self.box = model, torch.tensor(box)
         self.calls = 0
 
-    def __call__(self, images, tracks):
+    def __call__(self, images, tracks, hidden=None):
         m = self.model
         t_tgt, t_pos, t_ref = tracks
         T_, Q = t_tgt.shape[0], m.num_detect_queries

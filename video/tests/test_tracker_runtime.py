@@ -1,5 +1,6 @@
 """Identity bookkeeping of the runtime tracker: birth, keep, miss, death, duplicates, no resurrection."""
 
+import pytest
 import torch
 from torchvision.ops import box_iou, nms
 from tracking_testing import random_boxes
@@ -142,18 +143,31 @@ def test_pairwise_iou_equals_torchvision_box_iou():
     torch.testing.assert_close(got, ref, rtol=0, atol=1e-7, equal_nan=True)
 
 
-def test_births_and_track_duplicates_equal_torchvision_nms_on_random_frames():
+@pytest.mark.parametrize("detect_sees", ["all", "shown", "none"])
+def test_births_and_track_duplicates_equal_torchvision_nms_on_random_frames(detect_sees):
     """The greedy suppressions (births among themselves, duplicate tracks) against torchvision's ``nms`` on
     crowded random frames (distinct scores, so the greedy order is unique), and the births' overlap with the
-    kept tracks against a brute-force check."""
+    kept tracks against a brute-force check: ``unseen_track_iou`` for the tracks hidden from the detect
+    queries this frame, ``duplicate_iou`` for the others."""
     g = torch.Generator().manual_seed(1)
 
     for trial in range(40):
         T, Q = int(torch.randint(0, 12, (1,), generator=g)), int(torch.randint(0, 25, (1,), generator=g))
         tr = RuntimeTracker(
-            0.3, 0.25, max_age=3, duplicate_iou=0.2 + 0.05 * (trial % 10), track_duplicate_iou=0.4
+            0.3,
+            0.25,
+            max_age=3,
+            duplicate_iou=0.2 + 0.05 * (trial % 10),
+            track_duplicate_iou=0.4,
+            detect_sees=detect_sees,
+            unseen_track_iou=0.05 + 0.02 * (trial % 5),
         )
-        tr.ids, tr.misses, tr.next_id = torch.arange(1, T + 1), torch.zeros(T, dtype=torch.int64), T + 1
+        misses_before = torch.randint(0, 2, (T,), generator=g)
+        tr.ids, tr.misses, tr.next_id = torch.arange(1, T + 1), misses_before.clone(), T + 1
+        hidden = {"all": torch.zeros(T, dtype=torch.bool), "shown": misses_before > 0}.get(
+            detect_sees, torch.ones(T, dtype=torch.bool)
+        )
+        on_thr = torch.where(hidden, torch.tensor(tr.unseen_track_iou), torch.tensor(tr.duplicate_iou))
         ts, tb = torch.rand(T, generator=g), random_boxes(g, T)
         ds, db = torch.rand(Q, generator=g), random_boxes(g, Q)
         up = tr.update(ts, tb, ds, db)
@@ -165,10 +179,11 @@ def test_births_and_track_duplicates_equal_torchvision_nms_on_random_frames():
 
         kept_boxes = tb[up.keep]
         cand = torch.nonzero(ds >= 0.3).flatten()
+        kept_thr = on_thr[up.keep].to(torch.float32)
         free = [
             q
             for q in cand.tolist()
-            if kept_boxes.numel() == 0 or box_iou(db[q : q + 1], kept_boxes).max() <= tr.duplicate_iou
+            if kept_boxes.numel() == 0 or (box_iou(db[q : q + 1], kept_boxes)[0] <= kept_thr).all()
         ]
         free = torch.as_tensor(free, dtype=torch.int64)
         expected = free[nms(db[free], ds[free], tr.duplicate_iou)] if free.numel() else free

@@ -107,7 +107,7 @@ class _StaticObject:
     def __init__(self, model, box):
         self.model, self.box, self.images = model, torch.tensor(box), []
 
-    def __call__(self, images, tracks):
+    def __call__(self, images, tracks, hidden=None):
         m = self.model
         self.images.append(
             images.tensor[0, :, : images.image_sizes[0][0], : images.image_sizes[0][1]].clone()

@@ -20,7 +20,7 @@ class FadingTrackStandIn:
         self.track_box = None if track_box is None else torch.tensor(track_box)
         self.outputs = []
 
-    def __call__(self, images, tracks):
+    def __call__(self, images, tracks, hidden=None):
         m = self.model
         T_, Q, C = tracks[0].shape[0], m.num_detect_queries, m.hidden_dim
         logits = torch.full((T_ + Q, m.num_classes), -9.0)
