@@ -10,7 +10,9 @@ queries]``, assembled by the detector's ``assemble_query_groups`` (the groups se
   ``sigmoid(transformer.reference_points(query_pos))`` lifted to a box by a learned per-query size
   (``detect_ref_wh``), so tracks and detections share one (N, T + Q, 4) reference tensor.
 
-Decoder self-attention lets a track query suppress the detect queries on the same object. The class subclasses
+With MOTR's rule the decoder's self-attention lets a track query suppress the detect queries on the same
+object; ``frame_forward(..., hidden=)`` masks the tracks the runtime association names (``DETECT_SEES_TRACKS``:
+by default every track, so the detect queries give the per-frame detector's outputs). The class subclasses
 ``DeformableDETR`` and extends its ``from_config``, so parameter names are unchanged and detector checkpoints
 load into it; ``criterion`` is a :class:`ClipCriterion` wrapping the detector's ``SetCriterion``.
 
