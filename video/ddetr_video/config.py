@@ -38,17 +38,18 @@ def add_tracker_config(cfg):
     # 2 of 3 seeds); its measured effect is small (video/README.md)
     cfg.MODEL.TRACKER.REBIND_MISSED_TRACKS = True
     # RuntimeTracker: which track queries the detect queries attend to in the decoder's self-attention.
-    # "all" (MOTR): every track, so a track suppresses the detect queries on its object; "shown": not the tracks
-    # missed in the previous frame (score < KEEP_THRESHOLD), so the detect queries find those objects again
-    # (training carries only tracks with IoU > TRAIN_TRACK_IOU to their object: a lost track is no track
-    # there); "none": no track, the detect queries give the per-frame detector's outputs and a detection
-    # overlapping a live track by IoU > DUPLICATE_IOU is no birth (a missed one re-binds with
-    # REBIND_MISSED_TRACKS). "none" by the rule fixed before a fresh val (higher IDF1 and MOTA than "all" on both
-    # models: met); measured: video/README.md, "Where it differs from MOTR"
+    # "all" (MOTR): every track, so a track suppresses the detect queries on its object; "shown": not the
+    # tracks missed in the previous frame (score < KEEP_THRESHOLD), so the detect queries find those objects
+    # again (training carries only tracks with IoU > TRAIN_TRACK_IOU to their object: a lost track is no
+    # track there); "none": no track, the detect queries give the per-frame detector's outputs and a
+    # detection overlapping a live track by IoU > UNSEEN_TRACK_IOU is no birth (a missed one re-binds with
+    # REBIND_MISSED_TRACKS). "none" by the rule fixed before a fresh val (higher IDF1 and MOTA than "all" on
+    # both models: met); measured: video/README.md, "Where it differs from MOTR"
     cfg.MODEL.TRACKER.DETECT_SEES_TRACKS = "none"
-    # RuntimeTracker: for a track the detect queries did not see this frame (DETECT_SEES_TRACKS), this IoU stands in
-    # for DUPLICATE_IOU between the track's box and a detection (no birth above it; a missed track re-binds):
-    # the detection was not suppressed by attention, so it overlaps the track less than a duplicate does
+    # RuntimeTracker: for a track the detect queries did not see this frame (DETECT_SEES_TRACKS), this IoU
+    # stands in for DUPLICATE_IOU between the track's box and a detection (no birth above it; a missed track
+    # re-binds): the detection was not suppressed by attention, so it overlaps the track less than a
+    # duplicate does
     cfg.MODEL.TRACKER.UNSEEN_TRACK_IOU = 0.1
     # a track overlapping a higher-scoring visible track more than this is hidden for the frame (0: off)
     cfg.MODEL.TRACKER.TRACK_DUPLICATE_IOU = 0.7

@@ -195,7 +195,8 @@ class RuntimeTracker(TrackSlots):
         tc = cfg.MODEL.TRACKER
         if tc.DETECT_SEES_TRACKS not in DETECT_SEES:
             raise ConfigError(
-                f"MODEL.TRACKER.DETECT_SEES_TRACKS: expected one of {DETECT_SEES}, got {tc.DETECT_SEES_TRACKS!r}"
+                f"MODEL.TRACKER.DETECT_SEES_TRACKS: expected one of {DETECT_SEES}, "
+                f"got {tc.DETECT_SEES_TRACKS!r}"
             )
         return cls(
             birth_threshold=tc.BIRTH_THRESHOLD,
@@ -209,9 +210,9 @@ class RuntimeTracker(TrackSlots):
         )
 
     def hidden_from_detect(self):
-        """(T,) bool over the current track slots: True where the detect queries may not attend to that track's
-        query this frame ("shown": the track was missed in the previous frame; "none": every track); None when
-        no track is hidden."""
+        """(T,) bool over the current track slots: True where the detect queries may not attend to that
+        track's query this frame ("shown": the track was missed in the previous frame; "none": every track);
+        None when no track is hidden."""
         if self.detect_sees == "all" or len(self) == 0:
             return None
         if self.detect_sees == "none":

@@ -11,10 +11,11 @@ queries]``, assembled by the detector's ``assemble_query_groups`` (the groups se
   (``detect_ref_wh``), so tracks and detections share one (N, T + Q, 4) reference tensor.
 
 With MOTR's rule the decoder's self-attention lets a track query suppress the detect queries on the same
-object; ``frame_forward(..., hidden=)`` masks the tracks the runtime association names (``DETECT_SEES_TRACKS``:
-by default every track, so the detect queries give the per-frame detector's outputs). The class subclasses
-``DeformableDETR`` and extends its ``from_config``, so parameter names are unchanged and detector checkpoints
-load into it; ``criterion`` is a :class:`ClipCriterion` wrapping the detector's ``SetCriterion``.
+object; ``frame_forward(..., hidden=)`` masks the tracks the runtime association names
+(``DETECT_SEES_TRACKS``: by default every track, so the detect queries give the per-frame detector's outputs).
+The class subclasses ``DeformableDETR`` and extends its ``from_config``, so parameter names are unchanged and
+detector checkpoints load into it; ``criterion`` is a :class:`ClipCriterion` wrapping the detector's
+``SetCriterion``.
 
 Training input: a list of clips ``{"clip": [frame dicts]}`` (see :mod:`ddetr_video.clip_mapper`); the loss is
 the :class:`ClipCriterion` collective average. Inference input: frames of one or more videos *in order*, one
@@ -224,7 +225,9 @@ class QueryTracker(DeformableDETR):
         if hidden is not None and not blind and bool(hidden.any()):
             T = t_tgt.shape[0]
             if hidden.shape != (T,):
-                raise ValueError(f"hidden must be ({T},) bool for {T} track queries, got {tuple(hidden.shape)}")
+                raise ValueError(
+                    f"hidden must be ({T},) bool for {T} track queries, got {tuple(hidden.shape)}"
+                )
             n = queries.content.shape[1]
             mask = torch.zeros((n, n), dtype=torch.bool, device=queries.content.device)
             mask[T:, :T] = hidden.to(mask.device)[None]

@@ -1,5 +1,6 @@
-"""``MODEL.TRACKER.DETECT_SEES_TRACKS``: which track queries the detect queries attend to ("all": MOTR; "shown":
-not those of tracks missed in the previous frame; "none": no track, the per-frame detector's outputs)."""
+"""``MODEL.TRACKER.DETECT_SEES_TRACKS``: which track queries the detect queries attend to ("all": MOTR;
+"shown": not those of tracks missed in the previous frame; "none": no track, the per-frame detector's
+outputs)."""
 
 import os
 
@@ -18,7 +19,15 @@ CONFIG = os.path.join(os.path.dirname(__file__), "..", "configs", "synthetic_tin
 def _model(*opts):
     cfg = get_tracker_cfg(
         CONFIG,
-        ["INPUT.MIN_SIZE_TEST", "64", "INPUT.MAX_SIZE_TEST", "96", "MODEL.DEFORMABLE_DETR.NUM_QUERIES", "8", *opts],
+        [
+            "INPUT.MIN_SIZE_TEST",
+            "64",
+            "INPUT.MAX_SIZE_TEST",
+            "96",
+            "MODEL.DEFORMABLE_DETR.NUM_QUERIES",
+            "8",
+            *opts,
+        ],
     )
     torch.manual_seed(int(torch.randint(0, 10**6, (1,))))
     return build_model(cfg).eval()
@@ -107,9 +116,9 @@ def test_a_bad_setting_is_a_config_error():
 
 @pytest.mark.parametrize("sees", ["all", "shown", "none"])
 def test_track_passes_the_hidden_tracks_to_the_decoder(sees):
-    """Through ``QueryTracker.track``: a track born at frame 0 whose query fades (score ~0) is missed from frame
-    1 on (re-binding off, so the detection stays suppressed as a duplicate); ``frame_forward`` gets the tracks
-    to hide from the detect queries as the setting says."""
+    """Through ``QueryTracker.track``: a track born at frame 0 whose query fades (score ~0) is missed from
+    frame 1 on (re-binding off, so the detection stays suppressed as a duplicate); ``frame_forward`` gets the
+    tracks to hide from the detect queries as the setting says."""
     model = _model("MODEL.TRACKER.DETECT_SEES_TRACKS", sees, "MODEL.TRACKER.REBIND_MISSED_TRACKS", "False")
     stand_in = FadingTrackStandIn(model, [0.5, 0.5, 0.2, 0.2])
     seen = []
@@ -121,9 +130,15 @@ def test_track_passes_the_hidden_tracks_to_the_decoder(sees):
     model.frame_forward = recording
     img = torch.zeros(3, 64, 96, dtype=torch.uint8)
     ids = [
-        model([{"image": img, "height": 64, "width": 96, "sequence": "a", "frame_idx": i}])[0]["instances"].track_ids
+        model([{"image": img, "height": 64, "width": 96, "sequence": "a", "frame_idx": i}])[0][
+            "instances"
+        ].track_ids
         for i in range(4)
     ]
     assert [i.tolist() for i in ids] == [[1], [], [], []]
-    expected = {"all": [None] * 4, "shown": [None, None, [True], [True]], "none": [None, [True], [True], [True]]}
+    expected = {
+        "all": [None] * 4,
+        "shown": [None, None, [True], [True]],
+        "none": [None, [True], [True], [True]],
+    }
     assert seen == expected[sees]

@@ -157,10 +157,10 @@ def test_motmetrics_numbers_agree_with_trackeval_clear_identity():
         data = _trackeval_data(gids, tids, sims)
         c_res[s], i_res[s] = clear.eval_sequence(data), ident.eval_sequence(data)
         # The two libraries match a frame differently in rare crowded cases: TrackEval's CLEAR maximises the
-        # summed IoU of the matches (one Hungarian step, previous matches first by a bonus), motmetrics keeps the
-        # previous matches, then matches the rest. In a few of every thousand random sequences the two end one
-        # match apart (one FP and one FN) or a few switches apart (up to 3 seen in 1,300 sequences); in the
-        # others the counts agree exactly.
+        # summed IoU of the matches (one Hungarian step, previous matches first by a bonus), motmetrics keeps
+        # the previous matches, then matches the rest. In a few of every thousand random sequences the two end
+        # one match apart (one FP and one FN) or a few switches apart (up to 3 seen in 1,300 sequences); in
+        # the others the counts agree exactly.
         fp, fn = c_res[s]["CLR_FP"] - per_seq[s]["FP"], c_res[s]["CLR_FN"] - per_seq[s]["FN"]
         assert fp == fn and abs(fp) <= 1, (s, per_seq[s], c_res[s])
         d_fp, d_fn = d_fp + fp, d_fn + fn
