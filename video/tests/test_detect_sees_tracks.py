@@ -16,19 +16,12 @@ from ddetr_video.runtime_tracker import RuntimeTracker
 CONFIG = os.path.join(os.path.dirname(__file__), "..", "configs", "synthetic_tiny.yaml")
 
 
+# a small test input and few detect queries keep the model cheap
+SMALL = {"INPUT.MIN_SIZE_TEST": "64", "INPUT.MAX_SIZE_TEST": "96", "MODEL.DEFORMABLE_DETR.NUM_QUERIES": "8"}
+
+
 def _model(*opts):
-    cfg = get_tracker_cfg(
-        CONFIG,
-        [
-            "INPUT.MIN_SIZE_TEST",
-            "64",
-            "INPUT.MAX_SIZE_TEST",
-            "96",
-            "MODEL.DEFORMABLE_DETR.NUM_QUERIES",
-            "8",
-            *opts,
-        ],
-    )
+    cfg = get_tracker_cfg(CONFIG, [x for kv in SMALL.items() for x in kv] + list(opts))
     torch.manual_seed(int(torch.randint(0, 10**6, (1,))))
     return build_model(cfg).eval()
 
