@@ -27,7 +27,7 @@ from collections import namedtuple
 __all__ = [
     "apply_thread_policy", "thread_policy", "policy_line", "decide_thread_policy", "measure_busy_cores",
     "read_cpu_times", "ThreadPolicy", "BUSY_CORES_THRESHOLD", "SHORT_SPINCOUNT", "PROBE_SECONDS",
-    "POLICY_ENV", "DEFAULT_WAIT_POLICY",
+    "POLICY_ENV", "DEFAULT_WAIT_POLICY", "pin_all_threads", "parse_cpu_list", "require_usable",
 ]  # fmt: skip
 
 DEFAULT_WAIT_POLICY = "PASSIVE"  # busy CPU, or no /proc to tell
@@ -63,6 +63,46 @@ def usable_cores():
         return sorted(os.sched_getaffinity(0))
     except (AttributeError, OSError):
         return list(range(os.cpu_count() or 1))
+
+
+def parse_cpu_list(text):
+    """``"0,1"`` / ``"0-3,8"`` (taskset's list form) -> a sorted list of CPU numbers; ValueError naming
+    the text where it is not such a list."""
+    cpus = set()
+    try:
+        for part in text.split(","):
+            lo, _, hi = part.strip().partition("-")
+            first, last = int(lo), int(hi or lo)
+            if first < 0 or last < first:
+                raise ValueError
+            cpus.update(range(first, last + 1))
+    except ValueError:
+        raise ValueError(f"CPU list {text!r}: expected numbers and ranges such as 0,1 or 0-3") from None
+    return sorted(cpus)
+
+
+def require_usable(cpus):
+    """``cpus``, or ValueError naming those this process may not run on."""
+    unusable = sorted(set(cpus) - set(usable_cores()))
+    if unusable:
+        raise ValueError(f"CPUs {unusable} are not available to this process ({usable_cores()})")
+    return cpus
+
+
+def pin_all_threads(cpus):
+    """Restrict every thread of this process to ``cpus`` (``os.sched_setaffinity(0, ...)`` moves the
+    calling thread only; OpenMP's and onnxruntime's pool threads keep their own mask). Threads started
+    later inherit the mask of the thread that starts them. Linux only (``/proc/self/task``); returns the
+    number of threads pinned."""
+    cpus = set(require_usable(cpus))
+    pinned = 0
+    for tid in os.listdir("/proc/self/task"):
+        try:
+            os.sched_setaffinity(int(tid), cpus)
+            pinned += 1
+        except ProcessLookupError:  # the thread ended meanwhile
+            pass
+    return pinned
 
 
 def read_cpu_times(cpus=None):

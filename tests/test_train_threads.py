@@ -2,6 +2,7 @@
 one; a user's choice wins) before torch loads; scripts import it first."""
 
 import ast
+import json
 import os
 import subprocess
 import sys
@@ -177,3 +178,61 @@ def test_entry_point_imports_ddetr_d2_first(script):
     imports = [n for n in tree.body if isinstance(n, (ast.Import, ast.ImportFrom))]
     first = imports[0]
     assert isinstance(first, ast.Import) and first.names[0].name == "ddetr_d2", script
+
+
+# --- pinning every thread (tools/benchmark_inference.py --pin-cpus: compile on all cores, time on a few) ---
+
+
+@pytest.mark.parametrize(
+    "text, cpus",
+    [("0", [0]), ("0,1", [0, 1]), ("3-5", [3, 4, 5]), ("1, 0-2,7", [0, 1, 2, 7]), ("4-4", [4])],
+)
+def test_cpu_list_parses_taskset_form(text, cpus):
+    assert T.parse_cpu_list(text) == cpus
+
+
+@pytest.mark.parametrize("text", ["", "a", "1,", "3-1", "-2", "0;1", "1-2-3"])
+def test_bad_cpu_list_names_the_text(text):
+    with pytest.raises(ValueError, match="CPU list"):
+        T.parse_cpu_list(text)
+
+
+PIN_SCRIPT = """
+import json, os, threading
+from ddetr_d2 import _threads as T
+def mask(tid):
+    return sorted(os.sched_getaffinity(tid))
+before = T.usable_cores()
+release = threading.Event()
+olds = [threading.Thread(target=release.wait) for _ in range(3)]
+for t in olds:
+    t.start()
+target = before[-1:]
+n = T.pin_all_threads(target)
+tids = [int(t) for t in os.listdir("/proc/self/task")]
+seen = []
+later = threading.Thread(target=lambda: seen.append(mask(threading.get_native_id())))
+later.start(); later.join()
+release.set()
+print("PINNED", json.dumps([n, len(tids), before, target, [mask(t) for t in tids], seen]))
+try:
+    T.pin_all_threads([max(before) + 1000])
+except ValueError as e:
+    print("REFUSED", e)
+"""
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="needs Linux's /proc/self/task")
+def test_pin_all_threads_moves_every_thread_and_later_ones_inherit():
+    # in a child process: pinning the test process would slow every later test
+    out = subprocess.run(
+        [sys.executable, "-c", PIN_SCRIPT], capture_output=True, text=True, cwd=REPO, timeout=120
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    line = next(ln for ln in out.stdout.splitlines() if ln.startswith("PINNED"))
+    n, ntids, before, target, masks, seen = json.loads(line[len("PINNED ") :])
+    assert n == ntids >= 4  # the main thread and the three waiting ones, at least
+    assert all(m == target for m in masks), (before, masks)
+    assert seen == [target]  # a thread started afterwards inherits the mask
+    refused = next(ln for ln in out.stdout.splitlines() if ln.startswith("REFUSED"))
+    assert "not available to this process" in refused

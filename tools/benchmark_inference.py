@@ -27,7 +27,8 @@ implementation, so all of them see the same pixels).
 
 Usage: python tools/benchmark_inference.py [--sizes 800x1066 160x213] [--variants plain refine two_stage]
        [--impls hf ours ours_bf16 ours_compile ours_bf16_compile ort_grid_sample ort_gather]
-       [--repeats 3] [--threads 2] [--json out.json] [--opts KEY VALUE ...] [--hf-retain-freed-memory]
+       [--repeats 3] [--threads 2] [--pin-cpus 0,1] [--json out.json] [--opts KEY VALUE ...]
+       [--hf-retain-freed-memory]
 
 Our rows use the config's inference defaults (e.g. ``INFERENCE_RETAIN_FREED_MEMORY`` True: malloc keeps freed
 memory, ``ddetr_d2/allocator.py``); ``--opts`` overrides them for an A/B.
@@ -281,6 +282,10 @@ def worker(args):
     runners = {"hf": run_hf, **{impl: run_ours for impl in IMPLS if impl.startswith("ours")}}
     once = runners.get(args.impl, run_ort)(args, bgr)
     once()  # warm-up
+    if args.pin_cpus:  # the build and compilation above used every core; the timed runs use these
+        from ddetr_d2._threads import pin_all_threads
+
+        pin_all_threads(args.pin_cpus)
     runs = [once() for _ in range(args.repeats)]
     times = [r[0] for r in runs]
     stages = {
@@ -293,6 +298,7 @@ def worker(args):
         "variant": args.variant,
         "size": args.size,
         "threads": args.threads,
+        "pinned_cpus": args.pin_cpus,
         "median_s": statistics.median(times),
         "times_s": times,
         "stages_s": stages,
@@ -343,6 +349,15 @@ def parity(args):
     )
 
 
+def _cpu_list(text):
+    from ddetr_d2._threads import parse_cpu_list, require_usable
+
+    try:
+        return require_usable(parse_cpu_list(text))
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def spawn(extra, args, timeout=3600):
     cmd = [
         sys.executable,
@@ -355,6 +370,7 @@ def spawn(extra, args, timeout=3600):
         args.workdir,
     ]
     cmd += ["--hf-retain-freed-memory"] if args.hf_retain_freed_memory else []
+    cmd += ["--pin-cpus", ",".join(map(str, args.pin_cpus))] if args.pin_cpus else []
     cmd += ["--opts", *args.opts] if args.opts else []
     cmd += extra
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
@@ -423,6 +439,15 @@ def main():
         help="HF rows with glibc malloc keeping freed memory too (what INFERENCE_RETAIN_FREED_MEMORY does "
         "for ours; off: HF as users run it)",
     )
+    parser.add_argument(
+        "--pin-cpus",
+        type=_cpu_list,
+        default=None,
+        help="e.g. 0,1: each implementation builds, compiles and warms up on every core, then its timed "
+        "runs are pinned to these CPUs (all threads). Unlike `taskset -c 0,1 python ...`, Inductor's "
+        "compilation is not confined to the pinned cores (a compiled row took 2-4 minutes pinned to 2 "
+        "cores of the lent machine's host)",
+    )
     # worker mode (internal)
     parser.add_argument("--worker", choices=IMPLS + ("parity",), help=argparse.SUPPRESS)
     parser.add_argument("--variant", help=argparse.SUPPRESS)
@@ -444,7 +469,8 @@ def main():
     print(
         f"threads {args.threads}, repeats {args.repeats} (+1 warm-up), CPU native bf16: {native_bf16}, "
         f"workdir {args.workdir}, opts {args.opts}, "
-        f"HF malloc keeps freed memory: {args.hf_retain_freed_memory}",
+        f"HF malloc keeps freed memory: {args.hf_retain_freed_memory}, "
+        f"timed runs pinned to CPUs: {args.pin_cpus or 'no'}",
         flush=True,
     )
     results = []

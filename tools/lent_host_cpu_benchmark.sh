@@ -8,11 +8,13 @@
 #       IMPLS="hf ours_compile" sh tools/lent_host_cpu_benchmark.sh run
 #
 # `run` installs the wheels, builds ddetr_d2._C for that torch (CPU only, the system compiler: the image's
-# wrapper links libstdc++ statically, docs/cuda.md), then times IMPLS at SIZE pinned to 2 cores
-# (taskset -c 0,1, 2 threads; each implementation in its own subprocess, HF first). Output: $OUT/bench.log,
-# $OUT/bench.json, $OUT/build.log, $OUT/lscpu.txt. Measured there (2026-11-27): the build takes ~85 s and a
-# compiled row 2-4 minutes on the 2 pinned cores (Inductor compiles there too), HF ~1 minute: keep to two
-# or three implementations per 10-minute call, HF among them so that each call has its own reference.
+# wrapper links libstdc++ statically, docs/cuda.md), then times IMPLS at SIZE on 2 cores, 2 threads (each
+# implementation in its own subprocess, HF first). Output: $OUT/bench.log, $OUT/bench.json, $OUT/build.log,
+# $OUT/lscpu.txt. Measured there (2026-11-27): the build takes ~85 s, HF ~1 minute, and a compiled row took
+# 2-4 minutes when the whole benchmark ran under `taskset -c 0,1` (Inductor compiled on those 2 cores too).
+# Now each row builds, compiles and warms up on every core and only its timed runs are pinned to CPUs 0,1
+# (`--pin-cpus`, all threads): keep to two or three implementations per 10-minute call all the same, HF
+# among them so that each call has its own reference.
 set -u
 MODE=${1:-}
 VENV_SP=${VENV_SP:-.venv/lib/python3.10/site-packages}
@@ -57,8 +59,8 @@ run() {
     python3 -c "import torch, ddetr_d2._C, transformers; print('torch', torch.__version__, \
 torch.backends.cpu.get_cpu_capability(), 'transformers', transformers.__version__)" || exit 1
     # shellcheck disable=SC2086
-    taskset -c 0,1 python3 tools/benchmark_inference.py --variants plain --sizes "$SIZE" --impls $IMPLS \
-        --repeats "$REPEATS" --threads 2 --json "$OUT/bench.json" > "$OUT/bench.log" 2>&1
+    python3 tools/benchmark_inference.py --variants plain --sizes "$SIZE" --impls $IMPLS \
+        --repeats "$REPEATS" --threads 2 --pin-cpus 0,1 --json "$OUT/bench.json" > "$OUT/bench.log" 2>&1
     grep -v -E '^\{|Warning|warnings.warn' "$OUT/bench.log"
     echo "done in $(( $(date +%s) - start )) s"
 }
