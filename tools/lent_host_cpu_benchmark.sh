@@ -6,6 +6,7 @@
 #   sh tools/lent_host_cpu_benchmark.sh prepare      # here: .whl/ (wheels) and .d2/ (pure-Python packages)
 #   device run, carry [".whl", ".d2"], timeout_s 600:
 #       IMPLS="hf ours_compile" sh tools/lent_host_cpu_benchmark.sh run
+#   (OPTS="KEY VALUE ..." passes config options to our rows; SIZE, REPEATS, OUT as below)
 #
 # `run` installs the wheels, builds ddetr_d2._C for that torch (CPU only, the system compiler: the image's
 # wrapper links libstdc++ statically, docs/cuda.md), then times IMPLS at SIZE on 2 cores, 2 threads (each
@@ -45,6 +46,7 @@ run() {
     SIZE=${SIZE:-800x1066}
     REPEATS=${REPEATS:-5}
     IMPLS=${IMPLS:-hf ours_compile}
+    OPTS=${OPTS:-}  # config KEY VALUE pairs for our rows, e.g. MODEL.DEFORMABLE_DETR.INFERENCE_LINEAR_BACKEND onednn
     mkdir -p "$OUT"
     start=$(date +%s)
     grep -m1 "model name" /proc/cpuinfo
@@ -60,7 +62,8 @@ run() {
 torch.backends.cpu.get_cpu_capability(), 'transformers', transformers.__version__)" || exit 1
     # shellcheck disable=SC2086
     python3 tools/benchmark_inference.py --variants plain --sizes "$SIZE" --impls $IMPLS \
-        --repeats "$REPEATS" --threads 2 --pin-cpus 0,1 --json "$OUT/bench.json" > "$OUT/bench.log" 2>&1
+        --repeats "$REPEATS" --threads 2 --pin-cpus 0,1 ${OPTS:+--opts $OPTS} --json "$OUT/bench.json" \
+        > "$OUT/bench.log" 2>&1
     grep -v -E '^\{|Warning|warnings.warn' "$OUT/bench.log"
     echo "done in $(( $(date +%s) - start )) s"
 }
