@@ -251,3 +251,82 @@ def test_loader_sees_a_json_changed_after_the_preflight_check(tmp_path):
         json.dump(data, f, indent=1)  # another size: another file version
     with pytest.raises(DatasetValidationError, match="category_id=77"):
         DatasetCatalog.get(name)
+
+
+def _pop(section, field):
+    return lambda data, image_dir: data[section][0].pop(field)
+
+
+def _put(section, field, value):
+    return lambda data, image_dir: data[section][0].update({field: value})
+
+
+def _same_id(section):
+    return lambda data, image_dir: data[section][1].update(id=data[section][0]["id"])
+
+
+@pytest.mark.parametrize(
+    "mutate,kind,where,text",
+    [
+        (_pop("images", "height"), "missing field", "images[0] (id=", "no 'height' field"),
+        (_pop("images", "width"), "missing field", "images[0] (id=", "no 'width' field"),
+        (_pop("images", "file_name"), "missing field", "images[0] (id=", "no 'file_name' field"),
+        (_pop("images", "id"), "missing field", "images[0]", "no 'id' field"),
+        (_pop("annotations", "id"), "missing field", "annotations[0]", "no 'id' field"),
+        (_pop("annotations", "image_id"), "missing field", "annotations[0] (id=", "no 'image_id' field"),
+        (_pop("annotations", "category_id"), "missing field", "annotations[0] (id=", "no 'category_id'"),
+        (_pop("annotations", "bbox"), "missing field", "annotations[0] (id=", "no 'bbox' field"),
+        (_pop("categories", "id"), "missing field", "categories[0]", "no 'id' field"),
+        (_pop("categories", "name"), "missing field", "categories[0] (id=", "no 'name' field"),
+        (_same_id("annotations"), "duplicate id", "annotations[1] (id=", "also the id of annotations[0]"),
+        (_same_id("images"), "duplicate id", "images[1] (id=", "also the id of images[0]"),
+        (_same_id("categories"), "duplicate id", "categories[1] (id=", "also the id of categories[0]"),
+        (_put("annotations", "id", "a"), "bad field", "annotations[0]", "'id'='a' is not an integer"),
+        (_put("images", "id", [1]), "bad field", "images[0]", "'id'=[1] is not an integer"),
+        (_put("categories", "id", 1.5), "bad field", "categories[0]", "'id'=1.5 is not an integer"),
+        (_put("annotations", "image_id", [1]), "bad field", "annotations[0] (id=", "'image_id'=[1] is not"),
+        (_put("annotations", "category_id", "2"), "bad field", "annotations[0] (id=", "'category_id'='2'"),
+        (_put("images", "height", 0), "bad field", "images[0] (id=", "'height'=0 is not a positive whole"),
+        (_put("images", "width", "64"), "bad field", "images[0] (id=", "'width'='64' is not a positive"),
+        (_put("images", "height", 64.5), "bad field", "images[0] (id=", "'height'=64.5 is not a positive"),
+        (lambda data, d: data.update(images={}), "not COCO", "", "'images' must be an array of objects, got"),
+        (lambda data, d: data["images"].append("x.png"), "not COCO", "images[3]", "images[3] is string"),
+        (lambda data, d: data.update(annotations={}), "not COCO", "", "'annotations' must be an array"),
+        (lambda data, d: data["annotations"].insert(0, 7), "not COCO", "annotations[0]", "is number"),
+        (lambda data, d: data.update(categories=None), "not COCO", "", "'categories' must be an array"),
+        (lambda data, d: data["categories"].append([]), "not COCO", "categories[6]", "is array"),
+    ],
+)  # fmt: skip
+def test_malformed_entries_are_named_not_crashed_on(tmp_path, mutate, kind, where, text):
+    """Fields Detectron2 / pycocotools read (KeyError, AssertionError, AttributeError there) are
+    reported first, naming the file, the entry and the field, by the pre-flight check and the loader."""
+    j, d, _ = _dataset(tmp_path, mutate)
+    name = _register("malformed", j, d)
+    for invalid_boxes in ("error", "drop"):
+        with pytest.raises(DatasetValidationError) as e:
+            check_datasets(_cfg(train=[name], invalid_boxes=invalid_boxes))
+        first = e.value.problems[0]  # where: the file, or the file and the entry (index, id when valid)
+        assert first.kind == kind and text in first.message
+        assert first.where.startswith(f"{j}: {where}") if where else first.where == j
+        assert str(e.value).splitlines()[1].startswith(f"{first.where}: {kind}: {first.message}")
+    with pytest.raises(DatasetValidationError, match=f": {kind}: "):
+        DatasetCatalog.get(name)
+
+
+def test_missing_file_name_is_not_a_missing_image(tmp_path):
+    j, d, _ = _dataset(tmp_path, _pop("images", "file_name"))
+    assert _kinds(validate_coco_json(j, d)) == ["missing field"]
+
+
+def test_whole_float_sizes_pass_and_load(tmp_path):
+    """Some exporters write "height": 480.0; Detectron2 compares sizes with == (480.0 == 480)."""
+
+    def floats(data, image_dir):
+        for im in data["images"]:
+            im["height"], im["width"] = float(im["height"]), float(im["width"])
+
+    j, d, _ = _dataset(tmp_path, floats)
+    assert validate_coco_json(j, d) == []
+    name = _register("float_sizes", j, d)
+    check_datasets(_cfg(train=[name]))
+    assert all(float(r["height"]).is_integer() for r in DatasetCatalog.get(name))

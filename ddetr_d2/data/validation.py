@@ -1,7 +1,9 @@
 """Pre-flight validation of datasets: every problem found before the model is built, reported at once.
 
 * :func:`validate_coco_json` checks one COCO instances file and its image folder (a ``stat`` per
-  image, no decoding) and returns a list of :class:`DataProblem`.
+  image, no decoding) and returns a list of :class:`DataProblem`. Every field that Detectron2 /
+  pycocotools read is checked first (:data:`_FIELDS`: present, integer ids, positive sizes, unique
+  ids), so a bad file is reported, never a ``KeyError`` / ``AssertionError`` from the loader.
 * :func:`validate_datasets` runs the right validator for each registered dataset: COCO-style when its
   metadata has ``json_file`` / ``image_root``, otherwise the validator registered for its
   ``evaluator_type`` with :func:`register_validator` (``ddetr_video`` registers ``"mot"``).
@@ -130,26 +132,116 @@ def coco_structure_problems(json_file, image_root):
 
 
 def _read_coco(json_file):
-    """(data, None) or (None, the one problem that stops reading it)."""
+    """(data, []) or (None, the problems that stop reading it: unreadable, not COCO)."""
     if not os.path.isfile(json_file):
-        return None, DataProblem(json_file, "missing file", "COCO annotation file not found")
+        return None, [DataProblem(json_file, "missing file", "COCO annotation file not found")]
     try:
         with open(json_file) as f:
             data = json.load(f)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        return None, DataProblem(json_file, "unreadable json", f"not valid json: {e}")
-    if not isinstance(data, dict) or any(k not in data for k in ("images", "annotations", "categories")):
+        return None, [DataProblem(json_file, "unreadable json", f"not valid json: {e}")]
+    if not isinstance(data, dict) or any(k not in data for k in _FIELDS):
         keys = sorted(data) if isinstance(data, dict) else type(data).__name__
-        return None, DataProblem(
-            json_file, "not COCO", f"needs top-level keys images/annotations/categories, has {keys}"
-        )
-    return data, None
+        return None, [
+            DataProblem(
+                json_file, "not COCO", f"needs top-level keys images/annotations/categories, has {keys}"
+            )
+        ]
+    problems = [p for section in _FIELDS for p in _section_problems(json_file, data, section)]
+    return (None, problems) if problems else (data, [])
+
+
+def _is_id(value):
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_size(value):
+    """A positive whole number; ``480.0`` too (some exporters write floats; Detectron2 compares sizes
+    with ``==``, where 480.0 equals 480)."""
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    return number and value > 0 and float(value).is_integer()
+
+
+def _is_text(value):
+    return isinstance(value, str) and value != ""
+
+
+def _json_type(value):
+    """The json name of a value's type (object, array, string, ...)."""
+    names = {dict: "object", list: "array", str: "string", bool: "boolean", type(None): "null"}
+    return names.get(type(value), "number" if isinstance(value, (int, float)) else type(value).__name__)
+
+
+# section -> field -> (check, what the value must be); "bbox" values are checked by box_problem
+_FIELDS = {
+    "images": {
+        "id": (_is_id, "an integer"),
+        "file_name": (_is_text, "a non-empty string"),
+        "height": (_is_size, "a positive whole number"),
+        "width": (_is_size, "a positive whole number"),
+    },
+    "annotations": {
+        "id": (_is_id, "an integer"),
+        "image_id": (_is_id, "an integer"),
+        "category_id": (_is_id, "an integer"),
+        "bbox": (lambda value: True, ""),
+    },
+    "categories": {"id": (_is_id, "an integer"), "name": (_is_text, "a non-empty string")},
+}
+
+
+def _section_problems(json_file, data, section):
+    """A top-level section that is not a list of objects (one problem, naming its first bad entry)."""
+    entries = data[section]
+    if not isinstance(entries, list):
+        msg = f"'{section}' must be an array of objects, got {_json_type(entries)}"
+        return [DataProblem(json_file, "not COCO", msg)]
+    bad = [i for i, entry in enumerate(entries) if not isinstance(entry, dict)]
+    if not bad:
+        return []
+    msg = f"'{section}' must be an array of objects, {section}[{bad[0]}] is {_json_type(entries[bad[0]])}"
+    msg += f" ({len(bad)} such entries)" if len(bad) > 1 else ""
+    return [DataProblem(f"{json_file}: {section}[{bad[0]}]", "not COCO", msg)]
+
+
+def _entry_where(json_file, section, index, entry):
+    """``file: section[index]``, with the entry's id when it has a valid one."""
+    return f"{json_file}: {section}[{index}]" + (f" (id={entry['id']})" if _is_id(entry.get("id")) else "")
+
+
+def _entry_field_problems(where, entry, fields):
+    problems = []
+    for field, (check, must_be) in fields.items():
+        if field not in entry:
+            problems.append(DataProblem(where, "missing field", f"no '{field}' field"))
+        elif not check(entry[field]):
+            problems.append(DataProblem(where, "bad field", f"'{field}'={entry[field]!r} is not {must_be}"))
+    return problems
+
+
+def _field_problems(json_file, data):
+    """Missing / ill-typed required fields and duplicate ids of images, annotations and categories."""
+    problems = []
+    for section, fields in _FIELDS.items():
+        first = {}  # id -> index of its first entry
+        for i, entry in enumerate(data[section]):
+            where = _entry_where(json_file, section, i, entry)
+            problems += _entry_field_problems(where, entry, fields)
+            entry_id = entry.get("id")
+            if _is_id(entry_id) and entry_id in first:
+                msg = f"id={entry_id} is also the id of {section}[{first[entry_id]}]"
+                problems.append(DataProblem(where, "duplicate id", msg))
+            elif _is_id(entry_id):
+                first[entry_id] = i
+    return problems
 
 
 def _image_problems(json_file, data, image_root):
     problems = []
     for im in data["images"]:
-        path = os.path.join(image_root, str(im.get("file_name")))
+        if not _is_text(im.get("file_name")):
+            continue  # a field problem (_field_problems)
+        path = os.path.join(image_root, im["file_name"])
         try:
             size = os.stat(path).st_size
         except OSError:
@@ -160,20 +252,35 @@ def _image_problems(json_file, data, image_root):
     return problems
 
 
+def _category_ids(data):
+    return {c["id"] for c in data["categories"] if _is_id(c.get("id"))}
+
+
+def _image_size(im):
+    """(width, height) of an image entry, (None, None) unless both are valid (a field problem)."""
+    if _is_size(im.get("width")) and _is_size(im.get("height")):
+        return im["width"], im["height"]
+    return None, None
+
+
 def _annotation_problems(json_file, data):
+    """Annotations of unknown images or categories, invalid boxes (fields missing or of the wrong type
+    are left to :func:`_field_problems`)."""
     problems = []
-    cat_ids = {c.get("id") for c in data["categories"]}
-    images = {im.get("id"): im for im in data["images"]}
+    cat_ids = _category_ids(data)
+    images = {im["id"]: im for im in data["images"] if _is_id(im.get("id"))}
     for ann in data["annotations"]:
+        if not _is_id(ann.get("image_id")):
+            continue
         where = f"{json_file}: annotation id={ann.get('id', '?')}"
-        im = images.get(ann.get("image_id"))
+        im = images.get(ann["image_id"])
         if im is None:
             problems.append(
                 DataProblem(where, "unknown image", f"image_id={ann.get('image_id')} is not in 'images'")
             )
             continue
         where += f" (image id={im.get('id')} {im.get('file_name')})"
-        if ann.get("category_id") not in cat_ids:
+        if _is_id(ann.get("category_id")) and ann["category_id"] not in cat_ids:
             problems.append(
                 DataProblem(
                     where,
@@ -181,7 +288,7 @@ def _annotation_problems(json_file, data):
                     f"category_id={ann.get('category_id')} is not one of {sorted(cat_ids, key=str)}",
                 )
             )
-        why = box_problem(ann.get("bbox"), im.get("width"), im.get("height"))
+        why = box_problem(ann["bbox"], *_image_size(im)) if "bbox" in ann else None
         if why:
             problems.append(DataProblem(where, INVALID_BOX, why))
     return problems
@@ -190,15 +297,16 @@ def _annotation_problems(json_file, data):
 def validate_coco_json(json_file, image_root, num_classes=None, is_train=False, check_images=True):
     """
     All problems of a COCO instances file ``json_file`` with images under ``image_root``: an
-    unreadable file (one problem), image files that are missing or empty (``os.stat``; with
-    ``check_images``), invalid boxes (:func:`box_problem`), category ids not in ``categories``,
-    annotations of image ids that do not exist; with ``is_train``, no annotations at all; with
-    ``num_classes``, a head smaller than the categories (error) or larger (warning).
+    unreadable file or sections that are not arrays of objects (nothing else is checked then), missing
+    or ill-typed fields and duplicate ids (:data:`_FIELDS`), image files that are missing or empty
+    (``os.stat``; with ``check_images``), invalid boxes (:func:`box_problem`), category ids not in
+    ``categories``, annotations of image ids that do not exist; with ``is_train``, no annotations at
+    all; with ``num_classes``, a head smaller than the categories (error) or larger (warning).
     """
     data, fatal = _read_coco(json_file)
     if fatal:
-        return [fatal]
-    structure = _annotation_problems(json_file, data)
+        return fatal
+    structure = _field_problems(json_file, data) + _annotation_problems(json_file, data)
     try:
         _STRUCTURE_CACHE[_file_key(json_file)] = list(structure)
     except OSError:
@@ -209,7 +317,7 @@ def validate_coco_json(json_file, image_root, num_classes=None, is_train=False, 
             DataProblem(json_file, "no annotations", "a training set without a single annotation")
         )
     if num_classes is not None:
-        num_categories = len({c.get("id") for c in data["categories"]})
+        num_categories = len(_category_ids(data))
         problems += _class_count_problems(json_file, num_categories, num_classes)
     return problems
 
