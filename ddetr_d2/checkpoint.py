@@ -220,6 +220,11 @@ def load_weights_checked(model, weights, allow_mismatch=False):
     try:
         checkpointer.load(weights)
     except Exception as e:
+        if "://" in weights:  # a URL (e.g. the base config's ImageNet R-50): fetched by PathManager
+            raise WeightsError(
+                f"cannot fetch or load weights {weights}: {type(e).__name__}: {e} (no network? download the "
+                "file where there is one and set MODEL.WEIGHTS to the local copy)"
+            ) from e
         size = os.path.getsize(weights) if os.path.isfile(weights) else "?"
         raise WeightsError(
             f"cannot load weights {weights} ({size} bytes): {type(e).__name__}: {e} "

@@ -43,7 +43,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from .checkpoint import AtomicDetectionCheckpointer, load_weights_checked
 from .data import DetrDatasetMapper
-from .errors import ConfigError, UserError
+from .errors import ConfigError, UserError, WeightsError
 from .evaluation import build_evaluator
 from .solver import build_optimizer
 from .time_budget import TimeBudget
@@ -458,7 +458,13 @@ def load_eval_weights(cfg, model, args):
     if getattr(args, "resume", False) and checkpointer.has_checkpoint():
         checkpointer.resume_or_load(cfg.MODEL.WEIGHTS, resume=True)
     else:
-        load_weights_checked(model, cfg.MODEL.WEIGHTS, allow_mismatch=getattr(args, "allow_mismatch", False))
+        allow_mismatch = getattr(args, "allow_mismatch", False)
+        if not cfg.MODEL.WEIGHTS and not allow_mismatch:
+            raise WeightsError(
+                "--eval-only with an empty MODEL.WEIGHTS would evaluate the random initialisation: pass "
+                "MODEL.WEIGHTS <file> (or --allow-mismatch to evaluate it anyway)"
+            )
+        load_weights_checked(model, cfg.MODEL.WEIGHTS, allow_mismatch=allow_mismatch)
 
 
 def train_or_evaluate(cfg, args, trainer_cls):

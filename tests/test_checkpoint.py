@@ -194,3 +194,21 @@ def test_random_state_round_trip():
     data_state.apply_pending()  # just before the first iteration
     got = (random.random(), np.random.rand(3), torch.rand(3))
     assert got[0] == expected[0] and np.array_equal(got[1], expected[1]) and torch.equal(got[2], expected[2])
+
+
+def test_eval_only_without_weights_is_refused_unless_allowed(tmp_path, caplog):
+    """--eval-only with an empty MODEL.WEIGHTS would score the random initialisation (AP ~0, exit 0)."""
+    from types import SimpleNamespace
+
+    from detectron2.config import get_cfg
+
+    from ddetr_d2.engine import load_eval_weights
+
+    cfg = get_cfg()
+    cfg.MODEL.WEIGHTS, cfg.OUTPUT_DIR = "", str(tmp_path)
+    model = torch.nn.Linear(2, 2)
+    with pytest.raises(WeightsError, match="empty MODEL.WEIGHTS.*--allow-mismatch"):
+        load_eval_weights(cfg, model, SimpleNamespace(resume=False, allow_mismatch=False))
+    with caplog.at_level(logging.WARNING, logger="ddetr_d2"):
+        load_eval_weights(cfg, model, SimpleNamespace(resume=False, allow_mismatch=True))
+    assert "random initialisation" in caplog.text

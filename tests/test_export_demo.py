@@ -1,6 +1,8 @@
 """tools/export_model.py exports a model from its weights file, and tools/demo.py --backend onnxruntime
 runs that export: on the same weights and image it finds and draws as many detections as the PyTorch
-backend; a missing --onnx-model is a one-line error."""
+backend; a missing --onnx-model is a one-line error, and so are the other bad requests (an --output that
+is a file, an ONNX model with the PyTorch backend or with --track, weights that do not fit without
+--allow-mismatch); --onnx-model alone selects onnxruntime."""
 
 import os
 import subprocess
@@ -91,3 +93,61 @@ def test_onnxruntime_backend_needs_a_model_file(tmp_path):
         ]
     )
     assert res.returncode == 2 and "--onnx-model" in res.stderr and "Traceback" not in res.stderr
+
+
+def _cli(main, argv, capsys):
+    """In-process run of a command line (ddetr_d2's own entry points, as tools/*.py call them):
+    (exit code, stderr)."""
+    from ddetr_d2.demo.cli import run_cli
+
+    code = run_cli(main, argv, "cli")
+    return code, capsys.readouterr().err
+
+
+def test_bad_export_and_backend_requests_are_one_line_errors(tmp_path, capsys):
+    """Checked before any model is built: an --output that is a file or cannot be written, an ONNX model
+    with the PyTorch backend, and --track with onnxruntime."""
+    from ddetr_d2.demo.cli import _run_demo
+    from ddetr_d2.export.cli import export_main
+    from ddetr_video.demo import _run as track_run
+
+    afile = tmp_path / "afile"
+    afile.write_text("mine")
+    base = ["--config-file", CONFIG, "--opts", "MODEL.DEVICE", "cpu"]
+    code, err = _cli(export_main, ["--output", str(afile)] + base, capsys)
+    assert code == 2 and "is a file" in err and afile.read_text() == "mine"
+    code, err = _cli(export_main, ["--output", str(afile / "sub")] + base, capsys)
+    assert code == 2 and "cannot write there" in err and not (tmp_path / "sub").exists()
+
+    image = tmp_path / "in.png"
+    cv2.imwrite(str(image), np.zeros((40, 50, 3), dtype=np.uint8))
+    demo = ["--config-file", CONFIG, "--input", str(image), "--output", str(tmp_path / "o.png")]
+    code, err = _cli(_run_demo, demo + ["--backend", "pytorch", "--onnx-model", "m.onnx"], capsys)
+    assert code == 2 and "--backend onnxruntime" in err
+    video = ["--config-file", CONFIG, "--video", str(image), "--onnx-model", "m.onnx"]
+    code, err = _cli(track_run, video, capsys)
+    assert code == 2 and "--track runs the PyTorch tracker" in err
+    assert not (tmp_path / "o.png").exists()
+
+
+def test_onnx_model_implies_onnxruntime_and_export_takes_allow_mismatch(tmp_path, capsys):
+    """--onnx-model alone runs onnxruntime (a missing export is its one-line error, not a random PyTorch
+    model); export_model accepts --allow-mismatch, which the weights error advises."""
+    from ddetr_d2.demo.cli import _run_demo
+    from ddetr_d2.export.cli import export_main
+
+    image = tmp_path / "in.png"
+    cv2.imwrite(str(image), np.zeros((40, 50, 3), dtype=np.uint8))
+    demo = ["--config-file", CONFIG, "--input", str(image), "--output", str(tmp_path / "o.png")]
+    code, err = _cli(_run_demo, demo + ["--onnx-model", str(tmp_path / "nope" / "model.onnx")], capsys)
+    assert code == 2 and "export_meta.json not found" in err
+
+    cfg = tiny_cfg(NUM_CLASSES=5)
+    torch.save({"model": build_model(cfg).state_dict()}, tmp_path / "five.pth")
+    opts = ["--opts", "MODEL.DEVICE", "cpu", "MODEL.WEIGHTS", str(tmp_path / "five.pth")]
+    argv = ["--config-file", CONFIG, "--input-size", "64", "64", "--output", str(tmp_path / "e")] + opts
+    code, err = _cli(export_main, argv, capsys)
+    assert code == 2 and "--allow-mismatch" in err and not (tmp_path / "e").exists()
+    code, err = _cli(export_main, ["--allow-mismatch"] + argv, capsys)
+    assert code == 0, err
+    assert (tmp_path / "e" / "model.onnx").is_file()

@@ -1,8 +1,12 @@
 """Export of the whole detector (tiny configs, random weights): the ONNX graph run by onnxruntime gives
 the PyTorch model's detections (classes equal, scores within 1e-4, boxes within 1e-2 px) for each variant,
 both deformable-attention formulations and two input sizes, on fresh images (not the traced one); the
-TorchScript export too; the runtime predictor keeps DefaultPredictor's contract (on one of those exports).
+TorchScript export too; the runtime predictor keeps DefaultPredictor's contract (on one of those exports)
+and refuses exports it cannot run (missing / corrupt files, another number of classes); each formulation
+is written with the opset it needs; a failed export leaves the earlier one in its folder untouched.
 The command line (tools/export_model.py) is run by tests/test_export_demo.py, whose demo runs its export."""
+
+import os
 
 import numpy as np
 import pytest
@@ -144,3 +148,60 @@ def test_onnx_predictor_keeps_default_predictor_contract(models, onnx_export):
         }
 
     assert_same_detections(fields(got), fields(want))
+
+
+def test_export_meta_records_classes_and_the_opset_each_formulation_needs(models, onnx_export):
+    for msda, opset in (("grid_sample", 16), ("gather", 13)):
+        path = onnx_export("plain", msda, SIZES[0])
+        meta = read_export_meta(path)
+        assert meta["num_classes"] == models["plain"].class_embed[0].out_features
+        assert meta["opset"] == opset
+        assert {o.domain: o.version for o in onnx.load(path).opset_import}[""] == opset
+
+
+def test_a_failed_export_leaves_the_earlier_one_as_it_was(models, tmp_path, monkeypatch):
+    path = export_detector(models["plain"], str(tmp_path), "onnx", "gather", input_size=SIZES[0])
+    before = {f: open(tmp_path / f, "rb").read() for f in os.listdir(tmp_path)}
+
+    def half_written(model, args, f, **kwargs):
+        with open(f, "wb") as out:
+            out.write(b"\x08partial")
+        raise RuntimeError("exporter died")
+
+    monkeypatch.setattr(torch.onnx, "export", half_written)
+    with pytest.raises(RuntimeError, match="exporter died"):
+        export_detector(models["plain"], str(tmp_path), "onnx", "gather", input_size=SIZES[1])
+    assert {f: open(tmp_path / f, "rb").read() for f in os.listdir(tmp_path)} == before
+    assert read_export_meta(path)["input_size"] == list(SIZES[0])
+
+
+def test_onnx_predictor_refuses_what_it_cannot_run(models, onnx_export, tmp_path):
+    """A folder resolves to its model file; a missing or corrupt file, a folder without one, and a config
+    with another number of classes are one-line ExportErrors naming the problem."""
+    from ddetr_d2.export import ExportError
+    from ddetr_d2.export.onnx_predictor import ONNXPredictor
+
+    cfg = tiny_cfg(**VARIANTS["plain"])
+    path = onnx_export("plain", "gather", SIZES[0])
+    folder = os.path.dirname(path)
+    bgr = np.zeros((*SIZES[0], 3), dtype=np.uint8)
+    from_folder = ONNXPredictor(cfg, folder)(bgr)["instances"]
+    from_file = ONNXPredictor(cfg, path)(bgr)["instances"]
+    assert torch.equal(from_folder.scores, from_file.scores)
+
+    other = cfg.clone()
+    other.MODEL.DEFORMABLE_DETR.NUM_CLASSES += 3
+    with pytest.raises(ExportError, match="exported with .* classes.*NUM_CLASSES"):
+        ONNXPredictor(other, path)
+
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "export_meta.json").write_text(open(os.path.join(folder, "export_meta.json")).read())
+    with pytest.raises(ExportError, match="not found"):
+        ONNXPredictor(cfg, str(broken))  # the folder has the meta only
+    (broken / "model.onnx").write_bytes(open(path, "rb").read()[:5000])  # truncated
+    with pytest.raises(ExportError, match="onnxruntime cannot load"):
+        ONNXPredictor(cfg, str(broken / "model.onnx"))
+    (broken / "other.onnx").write_bytes(open(path, "rb").read())
+    with pytest.raises(ExportError, match="describes 'model.onnx'"):
+        ONNXPredictor(cfg, str(broken / "other.onnx"))

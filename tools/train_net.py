@@ -98,7 +98,8 @@ def build_parser():
     parser.add_argument(
         "--allow-mismatch",
         action="store_true",
-        help="--eval-only: log (instead of refusing) MODEL.WEIGHTS keys/shapes that do not fit the model",
+        help="--eval-only: log (instead of refusing) MODEL.WEIGHTS keys/shapes that do not fit the model, or "
+        "an empty MODEL.WEIGHTS (the random initialisation)",
     )
     return parser
 

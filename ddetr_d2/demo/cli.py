@@ -77,11 +77,14 @@ def get_demo_parser(**parser_kwargs):
     parser.add_argument(
         "--backend",
         choices=("pytorch", "onnxruntime"),
-        default="pytorch",
-        help="run the PyTorch model (MODEL.WEIGHTS) or an exported model (--onnx-model) with onnxruntime",
+        default=None,
+        help="run the PyTorch model (MODEL.WEIGHTS) or an exported model (--onnx-model) with onnxruntime "
+        "(default: onnxruntime when --onnx-model is given, else pytorch)",
     )
     parser.add_argument(
-        "--onnx-model", metavar="FILE", help="model.onnx from tools/export_model.py (--backend onnxruntime)"
+        "--onnx-model",
+        metavar="FILE",
+        help="model.onnx (or its folder) from tools/export_model.py; implies --backend onnxruntime",
     )
     parser.add_argument(
         "--opts",
@@ -162,6 +165,8 @@ def _check_inputs_and_outputs(args):
     check_threshold(args.confidence_threshold)
     if not os.path.isfile(args.config_file):
         raise DemoError(f"config file not found: {args.config_file}")
+    if args.backend == "pytorch" and args.onnx_model:
+        raise DemoError("--onnx-model runs with --backend onnxruntime, not --backend pytorch")
     if args.input:
         files = expand_inputs(args.input)
         if args.output:
@@ -187,7 +192,8 @@ def _run_demo(argv, parser_kwargs=None):
 
     from .predictor import VisualizationDemo
 
-    if args.backend == "onnxruntime":  # an exported model (tools/export_model.py, docs/deployment.md)
+    if args.backend == "onnxruntime" or (args.backend is None and args.onnx_model):
+        # an exported model (tools/export_model.py, docs/deployment.md)
         from ddetr_d2.export.onnx_predictor import onnx_visualization_demo
 
         demo = onnx_visualization_demo(cfg, args.onnx_model, args.confidence_threshold, args.show_sampling)

@@ -3,6 +3,7 @@
 import argparse
 import logging
 import os
+import warnings
 
 import torch
 
@@ -52,14 +53,32 @@ def get_export_parser():
         help="trace with this image, resized as the predictor resizes it (sets the input size)",
     )
     parser.add_argument(
+        "--allow-mismatch", action="store_true", help="load weights that do not match the config (warn only)"
+    )
+    parser.add_argument(
         "--opts", default=[], nargs=argparse.REMAINDER, help="config overrides: KEY VALUE ..."
     )
     return parser
 
 
+def check_output_folder(path):
+    """ExportError unless ``path`` is a folder, or can become one, that this process may write to
+    (checked before the model is built; nothing is created here)."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise ExportError(
+            f"--output {path} is a file; pass a folder (the export writes model + export_meta.json)"
+        )
+    parent = os.path.abspath(path)
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent) or not os.access(parent, os.W_OK | os.X_OK):
+        raise ExportError(f"--output {path}: cannot write there ({parent} is not a writable folder)")
+
+
 def export_main(argv):
     """Parse ``argv`` and export; returns the path of the model file. Raises UserError on bad input."""
     args = get_export_parser().parse_args(argv)
+    check_output_folder(args.output)
     from ddetr_d2.demo.io import read_image_bgr
     from ddetr_d2.demo.predictor import ImagePredictor, build_demo_model
 
@@ -73,13 +92,16 @@ def export_main(argv):
     cfg.defrost()
     cfg.MODEL.DEFORMABLE_DETR.INFERENCE_COMPILE = False
     cfg.MODEL.DEFORMABLE_DETR.INFERENCE_LINEAR_BACKEND = "torch"
-    model = build_demo_model(cfg)
+    model = build_demo_model(cfg, allow_mismatch=args.allow_mismatch)
     image, input_size = None, None
     if args.sample_image:
         image = ImagePredictor(cfg, model).preprocess(read_image_bgr(args.sample_image))["image"]
     else:
         input_size = tuple(args.input_size) if args.input_size else default_export_size(cfg)
     torch.set_grad_enabled(False)
+    # the tracer flags every Python int taken from a tensor (level shapes, loop bounds): that the graph
+    # is fixed to one input size is by design (exporter docstring, docs/deployment.md)
+    warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
     path = export_detector(
         model,
         args.output,

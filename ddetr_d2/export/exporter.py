@@ -33,7 +33,9 @@ from ddetr_d2.ops.ms_deform_attn_export import FORMULATIONS
 __all__ = [
     "EXPORT_FORMATS",
     "ExportError",
+    "ONNX_OPSETS",
     "default_export_size",
+    "exported_model_file",
     "export_detector",
     "read_export_meta",
     "traceable_detector",
@@ -44,7 +46,9 @@ logger = logging.getLogger(__name__)
 EXPORT_FORMATS = ("onnx", "torchscript")
 META_FILE = "export_meta.json"
 MODEL_FILES = {"onnx": "model.onnx", "torchscript": "model.ts"}
-ONNX_OPSET = 16  # GridSample needs 16; the gather formulation needs 13
+# the lowest opset each formulation needs: GridSample came with 16; the gather form runs on runtimes that
+# stop at 13 (e.g. older TensorRT / onnxruntime builds)
+ONNX_OPSETS = {"grid_sample": 16, "gather": 13}
 
 
 class ExportError(UserError, ValueError):
@@ -82,6 +86,11 @@ def traceable_detector(model, image):
     return adapter
 
 
+def _num_classes(model):
+    head = model.class_embed
+    return int((head[0] if isinstance(head, torch.nn.ModuleList) else head).out_features)
+
+
 def _check_request(fmt, msda, input_size):
     if fmt not in EXPORT_FORMATS:
         raise ExportError(f"--format must be one of {EXPORT_FORMATS}, got {fmt!r}")
@@ -96,13 +105,14 @@ def export_detector(
 ):
     """
     Trace ``model`` (a ``DeformableDETR`` in eval mode, fp32, on CPU) for one input size and write
-    ``model.onnx`` or ``model.ts`` plus ``export_meta.json`` (format, formulation, input size, output
-    names) into ``output_dir``.
+    ``model.onnx`` or ``model.ts`` plus ``export_meta.json`` (format, formulation, input size, number of
+    classes, output names) into ``output_dir``. Both files are written under temporary names and renamed
+    when complete: a failed export leaves an earlier export in that folder as it was.
 
     Args:
         fmt: "onnx" or "torchscript".
         msda: deformable-attention formulation of the graph, "grid_sample" (ONNX GridSample, opset 16)
-            or "gather" (Gather + arithmetic only).
+            or "gather" (Gather + arithmetic only, opset 13).
         input_size: (H, W) of the exported graph's input (ignored when ``image`` is given).
         image: optional (3, H, W) float32 tensor traced with (a real image gives a representative trace;
             default: a seeded random image).
@@ -120,34 +130,55 @@ def export_detector(
     model = model.eval()
     os.makedirs(output_dir, exist_ok=True)
     path = os.path.join(output_dir, MODEL_FILES[fmt])
-    with msda_export_formulation(msda):
-        adapter = traceable_detector(model, image)
-        if fmt == "torchscript":
-            with torch.no_grad():
-                traced = torch.jit.trace(adapter, (image,), check_trace=False)
-            torch.jit.save(traced, path)
-        else:
-            torch.onnx.export(
-                adapter,
-                (image,),
-                path,
-                opset_version=ONNX_OPSET,
-                input_names=["image"],
-                output_names=adapter.output_names,
-                do_constant_folding=True,
-            )
-    meta = {
-        "format": fmt,
-        "msda": msda,
-        "input_size": list(input_size),
-        "input_format": input_format,
-        "input_name": "image",
-        "output_names": adapter.output_names,
-        "opset": ONNX_OPSET if fmt == "onnx" else None,
-        "model_file": MODEL_FILES[fmt],
-    }
-    with open(os.path.join(output_dir, META_FILE), "w") as f:
-        json.dump(meta, f, indent=2)
+    meta_path = os.path.join(output_dir, META_FILE)
+    if os.path.isfile(meta_path):
+        logger.warning("%s holds an earlier export: replacing it", output_dir)
+    tmp = f"{path}.tmp{os.getpid()}"
+    opset = ONNX_OPSETS[msda] if fmt == "onnx" else None
+    try:
+        with msda_export_formulation(msda):
+            adapter = traceable_detector(model, image)
+            if fmt == "torchscript":
+                with torch.no_grad():
+                    traced = torch.jit.trace(adapter, (image,), check_trace=False)
+                torch.jit.save(traced, tmp)
+            else:
+                torch.onnx.export(
+                    adapter,
+                    (image,),
+                    tmp,
+                    opset_version=opset,
+                    input_names=["image"],
+                    output_names=adapter.output_names,
+                    do_constant_folding=True,
+                )
+        meta = {
+            "format": fmt,
+            "msda": msda,
+            "input_size": list(input_size),
+            "input_format": input_format,
+            "num_classes": _num_classes(model),
+            "input_name": "image",
+            "output_names": adapter.output_names,
+            "opset": opset,
+            "model_file": MODEL_FILES[fmt],
+        }
+        with open(f"{meta_path}.tmp{os.getpid()}", "w") as f:
+            json.dump(meta, f, indent=2)
+        os.replace(tmp, path)
+        os.replace(f"{meta_path}.tmp{os.getpid()}", meta_path)
+    finally:
+        for leftover in (tmp, f"{meta_path}.tmp{os.getpid()}"):
+            if os.path.exists(leftover):
+                os.remove(leftover)
+    stale = [f for k, f in MODEL_FILES.items() if k != fmt and os.path.isfile(os.path.join(output_dir, f))]
+    if stale:
+        logger.warning(
+            "%s also holds %s of an earlier export (export_meta.json now names %s)",
+            output_dir,
+            ", ".join(stale),
+            MODEL_FILES[fmt],
+        )
     logger.info(
         "exported %s (%s, MSDA %s, input %s) to %s", type(model).__name__, fmt, msda, input_size, path
     )
@@ -160,5 +191,26 @@ def read_export_meta(model_path):
     meta_path = os.path.join(folder, META_FILE)
     if not os.path.isfile(meta_path):
         raise ExportError(f"{meta_path} not found: export the model with tools/export_model.py")
-    with open(meta_path) as f:
-        return json.load(f)
+    try:
+        with open(meta_path) as f:
+            meta = json.load(f)
+    except (OSError, ValueError) as e:
+        raise ExportError(f"{meta_path}: not readable as JSON ({e})") from None
+    missing = [k for k in ("format", "input_size", "output_names") if k not in meta]
+    if missing:
+        raise ExportError(f"{meta_path}: missing {', '.join(missing)}: export the model again")
+    return meta
+
+
+def exported_model_file(model_path, meta):
+    """The model file of an export: ``model_path`` itself, or for a folder the file its ``meta`` names;
+    ExportError where it is missing or is not the file the meta describes."""
+    expected = meta.get("model_file") or MODEL_FILES.get(meta["format"], "")
+    path = os.path.join(model_path, expected) if os.path.isdir(model_path) else model_path
+    if not os.path.isfile(path):
+        raise ExportError(f"{path} not found (export_meta.json beside it names {expected!r})")
+    if os.path.basename(path) != expected:
+        raise ExportError(
+            f"{path}: export_meta.json beside it describes {expected!r} ({meta['format']}), not this file"
+        )
+    return path

@@ -10,7 +10,7 @@ from detectron2.data import transforms as T
 from detectron2.modeling import detector_postprocess
 from detectron2.structures import Boxes, Instances
 
-from .exporter import ExportError, read_export_meta
+from .exporter import ExportError, exported_model_file, read_export_meta
 
 __all__ = ["ONNXPredictor", "onnx_visualization_demo"]
 
@@ -38,6 +38,13 @@ class ONNXPredictor:
         meta = read_export_meta(onnx_path)
         if meta.get("format") != "onnx":
             raise ExportError(f"{onnx_path}: export_meta.json says format {meta.get('format')!r}, not 'onnx'")
+        onnx_path = exported_model_file(onnx_path, meta)
+        num_classes = cfg.MODEL.DEFORMABLE_DETR.NUM_CLASSES
+        if meta.get("num_classes", num_classes) != num_classes:  # exports before 2026-11-27 lack the field
+            raise ExportError(
+                f"{onnx_path} was exported with {meta['num_classes']} classes, the config has "
+                f"MODEL.DEFORMABLE_DETR.NUM_CLASSES {num_classes}: pass the config it was exported with"
+            )
         self.input_size = tuple(meta["input_size"])
         self.output_names = list(meta["output_names"])
         self.input_name = meta.get("input_name", "image")
@@ -53,7 +60,11 @@ class ONNXPredictor:
         options = ort.SessionOptions()
         if num_threads:
             options.intra_op_num_threads = int(num_threads)
-        self.session = ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
+        try:
+            self.session = ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
+        except Exception as e:  # onnxruntime's own types (InvalidProtobuf, NoSuchFile, Fail, ...)
+            reason = " ".join(str(e).split())[:300]
+            raise ExportError(f"onnxruntime cannot load {onnx_path}: {type(e).__name__}: {reason}") from None
         self._warned = False
 
     def preprocess(self, image_bgr):

@@ -143,6 +143,8 @@ def _run(argv):
         raise DemoError("--track needs --video PATH")
     if args.show_sampling:
         raise DemoError("--show-sampling is not available with --track")
+    if args.backend == "onnxruntime" or args.onnx_model:
+        raise DemoError("--track runs the PyTorch tracker: --backend onnxruntime / --onnx-model do not apply")
     check_threshold(args.confidence_threshold)
     cfg = build_cfg(args.config_file, args.opts, add_config_fns=(add_tracker_config,))
     return track_video(
