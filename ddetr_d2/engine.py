@@ -50,6 +50,7 @@ from .time_budget import TimeBudget
 
 __all__ = [
     "DeformableDetrTrainer",
+    "EvaluationInterrupted",
     "InterruptCheckpointer",
     "ResumableTrainingSampler",
     "TrainingInterrupted",
@@ -91,6 +92,21 @@ class TrainingInterrupted(BaseException):
         )
 
 
+class EvaluationInterrupted(TrainingInterrupted):
+    """A signal during what runs after the last training step (the final evaluation, the writers): the
+    training is complete and its last checkpoint ``path`` saved; the run stops with exit code 128 + N."""
+
+    def __init__(self, signum, path, iteration):
+        BaseException.__init__(
+            self,
+            f"interrupted by {signal.Signals(signum).name} after training ended (iteration {iteration}), "
+            f"during the final evaluation: the trained weights are saved in {path}; evaluate them with "
+            "--eval-only MODEL.WEIGHTS <that file>",
+        )
+        self.signum, self.path, self.iteration = signum, path, iteration
+        self.exit_code = 128 + signum
+
+
 class InterruptCheckpointer(HookBase):
     """SIGTERM / SIGINT during training: save a checkpoint after the current iteration, then stop.
 
@@ -99,6 +115,11 @@ class InterruptCheckpointer(HookBase):
     last) saves ``model_{iter:07d}.pth`` with the atomic checkpointer and raises
     :class:`TrainingInterrupted`. Under DDP the flag is gathered every iteration, so all ranks stop
     after the same iteration; only rank 0 writes. A repeated signal is ignored (use SIGKILL to abort).
+
+    After the last step (the final checkpoint is written by then) nothing is left to save: a signal
+    during the final evaluation stops the run with :class:`EvaluationInterrupted` instead of being
+    swallowed; in one process at once (the handler raises), under DDP once the evaluation's collective
+    calls are over (``after_train``, the flag gathered as above, so that no rank waits in one).
     """
 
     SIGNALS = (signal.SIGTERM, signal.SIGINT)
@@ -112,11 +133,28 @@ class InterruptCheckpointer(HookBase):
         if not self._received:
             self._received = signum
 
-    def before_train(self):
-        self._received = 0
+    def _stop_now(self, signum, frame):
+        self._restore_handlers()
+        raise EvaluationInterrupted(signum, self._final_checkpoint(), self.trainer.iter - 1)
+
+    def _final_checkpoint(self):
+        return self.checkpointer.get_checkpoint_file() or self.checkpointer.save_dir
+
+    def _install(self, handler):
         if threading.current_thread() is threading.main_thread():
             for s in self.SIGNALS:
-                self._old_handlers[s] = signal.signal(s, self._handler)
+                old = signal.signal(s, handler)
+                self._old_handlers.setdefault(s, old)
+
+    def _restore_handlers(self):
+        for s, h in self._old_handlers.items():
+            signal.signal(s, h)
+        self._old_handlers = {}
+
+    def before_train(self):
+        self._received = 0
+        self._install(self._handler)
+        if self._old_handlers:
             logger.info("SIGTERM / SIGINT save a checkpoint after the current iteration and stop")
 
     def after_step(self):
@@ -124,6 +162,8 @@ class InterruptCheckpointer(HookBase):
         if comm.get_world_size() > 1:
             got = max(comm.all_gather(got))
         if not got:
+            if self.trainer.iter + 1 >= self.trainer.max_iter and comm.get_world_size() == 1:
+                self._install(self._stop_now)  # the loop ends after this step
             return
         it = self.trainer.iter
         name = f"model_{it:07d}"
@@ -132,9 +172,12 @@ class InterruptCheckpointer(HookBase):
         raise TrainingInterrupted(got, os.path.join(self.checkpointer.save_dir, name + ".pth"), it)
 
     def after_train(self):
-        for s, h in self._old_handlers.items():
-            signal.signal(s, h)
-        self._old_handlers = {}
+        self._restore_handlers()
+        if self.trainer.iter < self.trainer.max_iter or comm.get_world_size() == 1:
+            return  # stopped early (an exception is on its way), or one process (handled at once)
+        got = max(comm.all_gather(self._received))
+        if got:
+            raise EvaluationInterrupted(got, self._final_checkpoint(), self.trainer.iter - 1)
 
 
 def _leave_interrupts_to_the_main_process():
@@ -149,6 +192,11 @@ def _leave_interrupts_to_the_main_process():
         return
     for s in InterruptCheckpointer.SIGNALS:
         signal.signal(s, signal.SIG_IGN)
+
+
+def _ignore_interrupts_in_worker(worker_id):
+    """``worker_init_fn`` of the evaluation loaders: :func:`_leave_interrupts_to_the_main_process`."""
+    _leave_interrupts_to_the_main_process()
 
 
 def _kill_daemonic_children(grace_seconds=1.0):
@@ -386,7 +434,11 @@ class DeformableDetrTrainer(DefaultTrainer):
 
     @classmethod
     def build_test_loader(cls, cfg, dataset_name):
-        return build_detection_test_loader(cfg, dataset_name, mapper=DetrDatasetMapper(cfg, is_train=False))
+        loader = build_detection_test_loader(cfg, dataset_name, mapper=DetrDatasetMapper(cfg, is_train=False))
+        # like the train loader's: a signal to the process group must not kill the workers mid-evaluation
+        loader.worker_init_fn = _ignore_interrupts_in_worker
+        _register_worker_cleanup()
+        return loader
 
     @classmethod
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):
