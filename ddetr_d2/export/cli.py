@@ -82,16 +82,16 @@ def export_main(argv):
     from ddetr_d2.demo.io import read_image_bgr
     from ddetr_d2.demo.predictor import ImagePredictor, build_demo_model
 
-    cfg = build_cfg(args.config_file, list(args.opts) + ["MODEL.DEVICE", "cpu"])
+    cfg = build_cfg(args.config_file, args.opts, freeze=False)
+    cfg.MODEL.DEVICE = "cpu"  # the export traces on the CPU
     if cfg.MODEL.DEFORMABLE_DETR.get("INFERENCE_DTYPE", "float32") != "float32":
         raise ExportError(
             "export runs in float32: drop MODEL.DEFORMABLE_DETR.INFERENCE_DTYPE from the options"
         )
     # tracing needs the plain modules: no compiled ones, aten's linear (exporters know no oneDNN op)
-    cfg = cfg.clone()
-    cfg.defrost()
     cfg.MODEL.DEFORMABLE_DETR.INFERENCE_COMPILE = False
     cfg.MODEL.DEFORMABLE_DETR.INFERENCE_LINEAR_BACKEND = "torch"
+    cfg.freeze()
     model = build_demo_model(cfg, allow_mismatch=args.allow_mismatch)
     image, input_size = None, None
     if args.sample_image:
