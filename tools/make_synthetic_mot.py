@@ -11,16 +11,24 @@ the place where the ``synthetic_mot_train`` / ``synthetic_mot_val`` Detectron2 d
 (and lazily create) it. ``--eval-splits`` writes the threshold-tuning split (``synthetic_mot_tune``, at
 ``<root>_tune``) and the harder split (``synthetic_mot_hard_val``, ``<root>_hard``) instead; the harder
 generator's options are ``--extra-crossings``, ``--occlusion-frames`` and ``--camera-motion``.
+
+User errors print one line ``error: ...`` on stderr and exit with status 2: a set of another recipe (seed,
+splits, options) already at ``--root`` (pass ``--overwrite`` to replace it), bad generator options, and under
+``--check`` a malformed file or a sequence folder without seqinfo.ini.
 """
 
 # first: sets the OpenMP wait policy before torch loads
 import ddetr_d2  # noqa: F401, I001
 import argparse
+import dataclasses
+import json
 import os
 import sys
 import time
 
 import numpy as np
+
+from ddetr_d2.errors import UserError
 
 
 def _benchmark(args) -> None:
@@ -112,8 +120,6 @@ def main(argv=None) -> int:
         return 0
 
     from ddetr_video.datasets import synthetic_mot_root
-    from ddetr_video.mot_format import list_sequences, load_sequence
-    from ddetr_video.synthetic_video import SyntheticVideoConfig, generate_dataset
 
     root = args.root or synthetic_mot_root()
     if args.eval_splits:
@@ -126,6 +132,16 @@ def main(argv=None) -> int:
             print(f"{split}: {len(DatasetCatalog.get(name))} frames at {root}_{split.split('_')[0]}")
         return 0
     if not args.check:
+        _generate(root, args)
+    _check(root, must_exist=args.check)
+    return 0
+
+
+def _generate(root, args) -> None:
+    """Write the set; a different recipe at ``root`` (or a half-written folder) is a UserError."""
+    from ddetr_video.synthetic_video import DONE_MARKER, SyntheticVideoConfig, generate_dataset
+
+    try:
         cfg = SyntheticVideoConfig(
             num_frames=args.frames,
             width=args.width,
@@ -135,25 +151,67 @@ def main(argv=None) -> int:
             occlusion_frames=args.occlusion_frames,
             camera_motion=args.camera_motion,
         )
-        t0 = time.perf_counter()
-        generate_dataset(
-            root, {"train": args.train, "val": args.val}, cfg, args.seed, overwrite=args.overwrite
-        )
-        print(f"wrote {root} in {time.perf_counter() - t0:.1f} s")
-    for split in ("train", "val"):
+    except ValueError as e:
+        raise UserError(f"bad generator options: {e}") from None
+    splits = {"train": args.train, "val": args.val}
+    marker = os.path.join(root, DONE_MARKER)
+    t0 = time.perf_counter()
+    try:
+        generate_dataset(root, splits, cfg, args.seed, overwrite=args.overwrite)
+    except FileExistsError:
+        raise UserError(
+            f"{root} exists but is not a complete synthetic MOT set: remove it or pass --overwrite"
+        ) from None
+    except ValueError:
+        if args.overwrite or not os.path.isfile(marker):
+            raise
+        raise UserError(
+            f"{root} holds a synthetic MOT set made with a different recipe "
+            f"({_recipe_diff(marker, args.seed, splits, cfg)}): pass --overwrite to replace it, "
+            "or choose another --root"
+        ) from None
+    print(f"wrote {root} in {time.perf_counter() - t0:.1f} s")
+
+
+def _recipe_diff(marker, seed, splits, cfg) -> str:
+    """What differs between the recipe in ``marker`` and the requested one, as 'key: disk -> requested'."""
+    try:
+        with open(marker) as f:
+            disk = json.load(f)
+        have = {f.name: f.default for f in dataclasses.fields(cfg)}
+        have.update(disk.get("config", {}), seed=disk.get("seed"), splits=disk.get("splits"))
+    except (OSError, ValueError, AttributeError):
+        return f"see {marker}"
+    want = dict(dataclasses.asdict(cfg), seed=seed, splits=splits)
+    diff = [f"{k}: {have.get(k)} on disk, {v} requested" for k, v in want.items() if have.get(k) != v]
+    return "; ".join(diff) or f"see {marker}"
+
+
+def _check(root, must_exist) -> None:
+    """Load every sequence with the MOT loader and print its numbers; a malformed file is a UserError."""
+    from ddetr_video.mot_format import MOTFormatError, list_sequences, load_sequence
+
+    splits = [s for s in ("train", "val") if os.path.isdir(os.path.join(root, s))]
+    if must_exist and not splits:
+        raise UserError(f"--check: {root} has no train/ or val/ folder")
+    for split in splits:
         split_dir = os.path.join(root, split)
-        if not os.path.isdir(split_dir):
-            continue
         for name in list_sequences(split_dir):
-            seq = load_sequence(os.path.join(split_dir, name), "synthetic")
+            try:
+                seq = load_sequence(os.path.join(split_dir, name), "synthetic")
+            except MOTFormatError as e:
+                raise UserError(str(e)) from None
             gt = seq.gt.data
             print(
                 f"{split}/{name}: {seq.info.seq_length} frames, {len(np.unique(gt[:, 1]))} ids, "
                 f"{len(gt)} boxes, "
                 f"{int((gt[:, 8] < 0.5).sum())} boxes with visibility < 0.5"
             )
-    return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except UserError as e:
+        print("error: " + " ".join(str(e).splitlines()), file=sys.stderr)
+        sys.exit(2)

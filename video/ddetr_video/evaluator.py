@@ -167,12 +167,26 @@ def compute_tracking_metrics(
     wanted = [
         "mota", "motp", "idf1", "idp", "idr", "recall", "precision", "num_switches", "mostly_tracked",
         "partially_tracked", "mostly_lost", "num_false_positives", "num_misses", "num_fragmentations",
+        "num_detections",
     ]  # fmt: skip
     summary = mh.compute_many(accs, metrics=wanted, names=names, generate_overall=True)
     per_seq = {seq: _row(summary.loc[seq], hota_res[seq], counts[seq]) for seq in names}
     total_counts = {k: sum(c[k] for c in counts.values()) for k in next(iter(counts.values()))}
     overall = _row(summary.loc["OVERALL"], hota.combine_sequences(hota_res), total_counts)
+    overall["MOTP"] = _pooled_motp(summary.loc[names])
     return overall, per_seq
+
+
+def _pooled_motp(per_seq_rows) -> float:
+    """MOTP (percent IoU) over all matches of all sequences: each sequence's ``motp`` weighted by its matches
+    (``num_detections`` = matches + switches, motmetrics' ``motp`` denominator). motmetrics' OVERALL row is
+    NaN as soon as one sequence has no match (NaN x 0); NaN here only when no sequence has one."""
+    n = per_seq_rows["num_detections"].to_numpy(np.float64)
+    dist = per_seq_rows["motp"].to_numpy(np.float64)
+    used = n > 0
+    if not used.any():
+        return float("nan")
+    return 100.0 * (1.0 - float((dist[used] * n[used]).sum() / n[used].sum()))
 
 
 def _trackeval_data(gt_ids_t: List[np.ndarray], tr_ids_t: List[np.ndarray], sims: List[np.ndarray]) -> Dict:

@@ -17,7 +17,8 @@ Every reader returns a :class:`MOTRows`: an ``(N, 9)`` float64 array in the cano
 ``frame, id, x, y, w, h, conf, class, visibility`` (``class``/``visibility`` are -1 where the file has
 none) and the 1-based line number of each row, so later checks (missing image, duplicate id) can still
 name the line.
-Every problem raises :class:`MOTFormatError` whose message starts with ``<file>:<line>:``.
+Every problem raises :class:`MOTFormatError` whose message starts with ``<file>:<line>:``; its ``kind`` (e.g.
+"bad row", "invalid box") is the category the pre-flight check (:mod:`ddetr_video.validation`) reports.
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ __all__ = [
     "write_results_file",
     "load_sequence",
     "list_sequences",
+    "is_sequence_dir",
     "image_path",
 ]
 
@@ -52,14 +54,20 @@ FRAME, ID, X, Y, W, H, CONF, CLASS, VIS = range(9)
 
 
 class MOTFormatError(ValueError):
-    """A malformed MOTChallenge file; ``path`` and ``line`` (1-based, or None) name the culprit."""
+    """A malformed MOTChallenge file; ``path`` and ``line`` (1-based, or None) name the culprit, ``kind`` is a
+    short category ("bad row", "invalid box", "bad frame", "bad id", "duplicate id", "unknown class", ...)."""
 
-    def __init__(self, path: str, line: int | None, message: str):
+    def __init__(self, path: str, line: int | None, message: str, kind: str = "bad row"):
         self.path = str(path)
         self.line = line
         self.reason = message
-        where = f"{self.path}:{line}" if line is not None else self.path
-        super().__init__(f"{where}: {message}")
+        self.kind = kind
+        super().__init__(f"{self.where}: {message}")
+
+    @property
+    def where(self) -> str:
+        """``path:line``, or ``path`` when the problem is the whole file."""
+        return f"{self.path}:{self.line}" if self.line is not None else self.path
 
 
 @dataclass(frozen=True)
@@ -139,6 +147,7 @@ class MOTRows:
 # seqinfo.ini
 # ----------------------------------------------------------------------------------------------------
 _SEQINFO_INT = ("frameRate", "seqLength", "imWidth", "imHeight")
+_SEQINFO_BAD = "bad seqinfo"
 _SEQINFO_KEYS = ("name", "imDir", "frameRate", "seqLength", "imWidth", "imHeight", "imExt")
 
 
@@ -158,7 +167,12 @@ class SeqInfo:
 def read_seqinfo(path: str) -> SeqInfo:
     """Parse ``seqinfo.ini``; every key of the ``[Sequence]`` section is required."""
     if not os.path.isfile(path):
-        raise MOTFormatError(path, None, "seqinfo.ini not found")
+        raise MOTFormatError(
+            path,
+            None,
+            f"not found: sequence folder {os.path.dirname(path)} has no seqinfo.ini",
+            "missing seqinfo",
+        )
     values: Dict[str, str] = {}
     lines: Dict[str, int] = {}
     section = None
@@ -169,11 +183,11 @@ def read_seqinfo(path: str) -> SeqInfo:
                 continue
             if s.startswith("["):
                 if not s.endswith("]"):
-                    raise MOTFormatError(path, lineno, f"bad section header {s!r}")
+                    raise MOTFormatError(path, lineno, f"bad section header {s!r}", _SEQINFO_BAD)
                 section = s[1:-1].strip()
                 continue
             if "=" not in s:
-                raise MOTFormatError(path, lineno, f"expected 'key=value', got {s!r}")
+                raise MOTFormatError(path, lineno, f"expected 'key=value', got {s!r}", _SEQINFO_BAD)
             if section != "Sequence":
                 continue
             k, v = (t.strip() for t in s.split("=", 1))
@@ -181,18 +195,20 @@ def read_seqinfo(path: str) -> SeqInfo:
             lines[k] = lineno
     missing = [k for k in _SEQINFO_KEYS if k not in values]
     if missing:
-        raise MOTFormatError(path, None, f"[Sequence] section lacks key(s) {missing}")
+        raise MOTFormatError(path, None, f"[Sequence] section lacks key(s) {missing}", _SEQINFO_BAD)
     ints = {}
     for k in _SEQINFO_INT:
         try:
             ints[k] = int(values[k])
         except ValueError:
-            raise MOTFormatError(path, lines[k], f"{k}={values[k]!r} is not an integer") from None
+            raise MOTFormatError(
+                path, lines[k], f"{k}={values[k]!r} is not an integer", _SEQINFO_BAD
+            ) from None
         if ints[k] <= 0:
-            raise MOTFormatError(path, lines[k], f"{k}={ints[k]} must be positive")
+            raise MOTFormatError(path, lines[k], f"{k}={ints[k]} must be positive", _SEQINFO_BAD)
     ext = values["imExt"]
     if not ext.startswith("."):
-        raise MOTFormatError(path, lines["imExt"], f"imExt={ext!r} must start with '.'")
+        raise MOTFormatError(path, lines["imExt"], f"imExt={ext!r} must start with '.'", _SEQINFO_BAD)
     return SeqInfo(
         name=values["name"],
         im_dir=values["imDir"],
@@ -229,6 +245,7 @@ def read_mot_file(
     *,
     seq_length: int | None = None,
     allow_empty: bool = True,
+    errors: List[MOTFormatError] | None = None,
 ) -> MOTRows:
     """Read and validate a MOT text file.
 
@@ -236,56 +253,87 @@ def read_mot_file(
     unique (frame, id)), "det" (7-10 columns, column 7 = score) or "result" (6-10 columns, id >= 0,
     unique (frame, id)). Always checked: numeric finite values, integer frame >= 1 (<= ``seq_length`` if
     given), integer id, w >= 0, h >= 0.
+
+    errors: None raises the first :class:`MOTFormatError`; a list collects every one instead (a bad row is
+    skipped, the good rows are returned): the pre-flight check reports all problems with this same parser.
     """
     if kind not in _KIND_COLUMNS:
         raise ValueError(f"kind must be one of {sorted(_KIND_COLUMNS)}, got {kind!r}")
     spec = get_format(fmt)
-    ncols_ok = spec.gt_columns if kind == "gt" else _KIND_COLUMNS[kind]
-    if not os.path.isfile(path):
-        raise MOTFormatError(path, None, f"{kind} file not found")
     rows: List[List[float]] = []
     lines: List[int] = []
-    seen: Dict[Tuple[int, int], int] = {}
-    with open(path, encoding="utf-8") as f:
-        for lineno, raw in enumerate(f, 1):
-            s = raw.strip()
-            if not s:
-                continue
-            parts = [p.strip() for p in s.split(",")]
-            if len(parts) not in ncols_ok:
-                raise MOTFormatError(
-                    path,
-                    lineno,
-                    f"expected {' or '.join(map(str, ncols_ok))} comma-separated columns for a {spec.name} "
-                    f"{kind} file ({','.join(COLUMNS[: max(ncols_ok)])}...), got {len(parts)}",
-                )
-            vals = []
-            for c, p in enumerate(parts):
+    try:
+        if not os.path.isfile(path):
+            raise MOTFormatError(path, None, f"{kind} file not found", "missing file")
+        seen: Dict[Tuple[int, int], int] = {}
+        with open(path, encoding="utf-8") as f:
+            for lineno, raw in enumerate(f, 1):
                 try:
-                    v = float(p)
-                except ValueError:
-                    name = COLUMNS[c] if c < len(COLUMNS) else f"#{c + 1}"
-                    raise MOTFormatError(
-                        path, lineno, f"column {c + 1} ({name}) is not a number: {p!r}"
-                    ) from None
-                if not np.isfinite(v):
-                    raise MOTFormatError(path, lineno, f"column {c + 1} is not finite: {p!r}")
-                vals.append(v)
-            row = _canonical_row(vals, kind)
-            _check_row(path, lineno, row, kind, spec, seq_length)
-            if kind in ("gt", "result"):
-                key = (int(row[FRAME]), int(row[ID]))
-                if key in seen:
-                    raise MOTFormatError(
-                        path, lineno, f"duplicate id {key[1]} in frame {key[0]} (first on line {seen[key]})"
-                    )
-                seen[key] = lineno
-            rows.append(row)
-            lines.append(lineno)
-    if not rows and not allow_empty:
-        raise MOTFormatError(path, None, f"{kind} file has no rows")
+                    row = _parse_line(path, lineno, raw, kind, spec, seq_length, seen)
+                except MOTFormatError as e:
+                    _collect(e, errors)
+                    continue
+                if row is not None:
+                    rows.append(row)
+                    lines.append(lineno)
+        if not rows and not allow_empty:
+            raise MOTFormatError(path, None, f"{kind} file has no rows", "no rows")
+    except MOTFormatError as e:
+        _collect(e, errors)
     data = np.asarray(rows, dtype=np.float64).reshape(-1, 9)
     return MOTRows(path, data, np.asarray(lines, dtype=np.int64))
+
+
+def _collect(error: MOTFormatError, errors: List[MOTFormatError] | None) -> None:
+    """Raise ``error``, or append it to ``errors`` when collecting."""
+    if errors is None:
+        raise error
+    errors.append(error)
+
+
+def _parse_line(path, lineno, raw, kind, spec: MOTFormat, seq_length, seen) -> List[float] | None:
+    """One checked canonical row of a text line (None for a blank line); records (frame, id) in ``seen``."""
+    s = raw.strip()
+    if not s:
+        return None
+    parts = [p.strip() for p in s.split(",")]
+    ncols_ok = spec.gt_columns if kind == "gt" else _KIND_COLUMNS[kind]
+    if len(parts) not in ncols_ok:
+        raise MOTFormatError(
+            path,
+            lineno,
+            f"expected {' or '.join(map(str, ncols_ok))} comma-separated columns for a {spec.name} "
+            f"{kind} file ({','.join(COLUMNS[: max(ncols_ok)])}...), got {len(parts)}",
+        )
+    row = _canonical_row(_numbers(path, lineno, parts), kind)
+    _check_row(path, lineno, row, kind, spec, seq_length)
+    if kind in ("gt", "result"):
+        key = (int(row[FRAME]), int(row[ID]))
+        if key in seen:
+            raise MOTFormatError(
+                path,
+                lineno,
+                f"duplicate id {key[1]} in frame {key[0]} (first on line {seen[key]})",
+                "duplicate id",
+            )
+        seen[key] = lineno
+    return row
+
+
+def _numbers(path, lineno, parts: List[str]) -> List[float]:
+    """The fields as finite floats (NaN/inf in a box column is an invalid box)."""
+    vals = []
+    for c, p in enumerate(parts):
+        try:
+            v = float(p)
+        except ValueError:
+            name = COLUMNS[c] if c < len(COLUMNS) else f"#{c + 1}"
+            raise MOTFormatError(path, lineno, f"column {c + 1} ({name}) is not a number: {p!r}") from None
+        if not np.isfinite(v):
+            kind = "invalid box" if X <= c <= H else "bad row"
+            raise MOTFormatError(path, lineno, f"column {c + 1} is not finite: {p!r}", kind)
+        vals.append(v)
+    return vals
 
 
 def _canonical_row(vals: List[float], kind: str) -> List[float]:
@@ -299,31 +347,43 @@ def _canonical_row(vals: List[float], kind: str) -> List[float]:
 def _check_row(path, lineno, row, kind, spec: MOTFormat, seq_length):
     frame, tid = row[FRAME], row[ID]
     if frame != int(frame) or frame < 1:
-        raise MOTFormatError(path, lineno, f"frame must be an integer >= 1, got {frame:g}")
+        raise MOTFormatError(path, lineno, f"frame must be an integer >= 1, got {frame:g}", "bad frame")
     if seq_length is not None and frame > seq_length:
-        raise MOTFormatError(path, lineno, f"frame {int(frame)} is beyond seqLength={seq_length}")
+        raise MOTFormatError(
+            path, lineno, f"frame {int(frame)} is beyond seqLength={seq_length}", "bad frame"
+        )
     if tid != int(tid):
-        raise MOTFormatError(path, lineno, f"id must be an integer, got {tid:g}")
+        raise MOTFormatError(path, lineno, f"id must be an integer, got {tid:g}", "bad id")
     if row[W] < 0 or row[H] < 0:
-        raise MOTFormatError(path, lineno, f"negative box size w={row[W]:g} h={row[H]:g}")
+        raise MOTFormatError(path, lineno, f"negative box size w={row[W]:g} h={row[H]:g}", "invalid box")
     if kind == "gt":
-        if tid <= 0:
-            raise MOTFormatError(path, lineno, f"gt track id must be a positive integer, got {int(tid)}")
-        cls = row[CLASS]
-        if cls != int(cls) or int(cls) not in spec.classes:
-            raise MOTFormatError(
-                path,
-                lineno,
-                f"unknown class id {cls:g} for format {spec.name} (known: {sorted(spec.classes)})",
-            )
-        if row[CONF] not in (0.0, 1.0):
-            raise MOTFormatError(
-                path, lineno, f"gt consider flag (column 7) must be 0 or 1, got {row[CONF]:g}"
-            )
-        if not 0.0 <= row[VIS] <= 1.0:
-            raise MOTFormatError(path, lineno, f"visibility must be in [0, 1], got {row[VIS]:g}")
+        _check_gt_row(path, lineno, row, spec)
     elif kind == "result" and tid < 0:
-        raise MOTFormatError(path, lineno, f"result track id must be >= 0, got {int(tid)}")
+        raise MOTFormatError(path, lineno, f"result track id must be >= 0, got {int(tid)}", "bad id")
+
+
+def _check_gt_row(path, lineno, row, spec: MOTFormat):
+    """gt-only checks: positive id, known class, consider flag 0/1, visibility in [0, 1]."""
+    if row[ID] <= 0:
+        raise MOTFormatError(
+            path, lineno, f"gt track id must be a positive integer, got {int(row[ID])}", "bad id"
+        )
+    cls = row[CLASS]
+    if cls != int(cls) or int(cls) not in spec.classes:
+        raise MOTFormatError(
+            path,
+            lineno,
+            f"unknown class id {cls:g} for format {spec.name} (known: {sorted(spec.classes)})",
+            "unknown class",
+        )
+    if row[CONF] not in (0.0, 1.0):
+        raise MOTFormatError(
+            path, lineno, f"gt consider flag (column 7) must be 0 or 1, got {row[CONF]:g}", "bad flag"
+        )
+    if not 0.0 <= row[VIS] <= 1.0:
+        raise MOTFormatError(
+            path, lineno, f"visibility must be in [0, 1], got {row[VIS]:g}", "bad visibility"
+        )
 
 
 def write_gt_file(path: str, data: np.ndarray) -> None:
@@ -390,7 +450,9 @@ def load_sequence(
     if os.path.isfile(gt_path):
         gt = read_mot_file(gt_path, "gt", fmt, seq_length=info.seq_length)
     elif require_gt:
-        raise MOTFormatError(gt_path, None, "gt file not found (pass require_gt=False for test splits)")
+        raise MOTFormatError(
+            gt_path, None, "gt file not found (pass require_gt=False for test splits)", "missing annotations"
+        )
     det = None
     det_path = os.path.join(seq_dir, "det", "det.txt")
     if load_det and os.path.isfile(det_path):
@@ -403,7 +465,9 @@ def load_sequence(
 def _check_images(seq_dir: str, info: SeqInfo, gt: MOTRows | None) -> None:
     im_dir = os.path.join(seq_dir, info.im_dir)
     if not os.path.isdir(im_dir):
-        raise MOTFormatError(info.path, info.key_lines.get("imDir"), f"image folder {im_dir} does not exist")
+        raise MOTFormatError(
+            info.path, info.key_lines.get("imDir"), f"image folder {im_dir} does not exist", "missing image"
+        )
     present = {n for n in os.listdir(im_dir) if n.endswith(info.im_ext)}
     if gt is not None and len(gt):
         frames, first = np.unique(gt.data[:, FRAME].astype(np.int64), return_index=True)
@@ -415,6 +479,7 @@ def _check_images(seq_dir: str, info: SeqInfo, gt: MOTRows | None) -> None:
                     f"frame {int(fr)} has gt rows but image "
                     f"{os.path.join(im_dir, f'{int(fr):06d}{info.im_ext}')}"
                     " is missing",
+                    "missing image",
                 )
     expected = {f"{i:06d}{info.im_ext}" for i in range(1, info.seq_length + 1)}
     if present != expected:
@@ -430,16 +495,17 @@ def _check_images(seq_dir: str, info: SeqInfo, gt: MOTRows | None) -> None:
             info.key_lines.get("seqLength"),
             f"seqLength={info.seq_length} but {im_dir} holds {len(present)} '{info.im_ext}' files "
             f"({'; '.join(detail)})",
+            "image count",
         )
 
 
 def list_sequences(split_dir: str, sequences: Iterable[str] | None = None) -> List[str]:
-    """Sorted sequence folder names under ``split_dir`` (those holding a seqinfo.ini), optionally filtered."""
+    """Sorted sequence folder names under ``split_dir``, optionally filtered. A sequence folder holds a
+    seqinfo.ini, an ``img1/`` or a ``gt/`` (one without seqinfo.ini is listed: loading it names the missing
+    file instead of silently training on fewer sequences)."""
     if not os.path.isdir(split_dir):
         raise FileNotFoundError(f"MOT split folder {split_dir} does not exist")
-    names = sorted(
-        n for n in os.listdir(split_dir) if os.path.isfile(os.path.join(split_dir, n, "seqinfo.ini"))
-    )
+    names = sorted(n for n in os.listdir(split_dir) if is_sequence_dir(os.path.join(split_dir, n)))
     if sequences is not None:
         wanted: Sequence[str] = list(sequences)
         unknown = [s for s in wanted if s not in names]
@@ -447,3 +513,10 @@ def list_sequences(split_dir: str, sequences: Iterable[str] | None = None) -> Li
             raise FileNotFoundError(f"sequences {unknown} not found in {split_dir} (have {names})")
         names = [n for n in names if n in set(wanted)]
     return names
+
+
+def is_sequence_dir(path: str) -> bool:
+    """Whether ``path`` looks like a MOT sequence folder: it holds seqinfo.ini, ``img1/`` or ``gt/``."""
+    return os.path.isfile(os.path.join(path, "seqinfo.ini")) or any(
+        os.path.isdir(os.path.join(path, d)) for d in ("img1", "gt")
+    )

@@ -1,7 +1,8 @@
 """``QueryTracker``: Deformable DETR carrying one decoder query per object from frame to frame (MOTR-style).
 
 Per frame the encoder runs once; the decoder gets two query groups, ``[T track queries] + [Q detect
-queries]``, assembled by the detector's ``assemble_query_groups`` (the groups see each other, as in MOTR):
+queries]``, assembled by the detector's ``assemble_query_groups`` (in training the groups see each other, as
+in MOTR; at inference the detect queries do not see the tracks by default, below):
 
 * a track query is ``(tgt, query_pos, reference box)`` produced by the :class:`QueryInteractionModule` from
   the previous frame's decoder output of that track, its query_pos and its refined box (cx, cy, w, h) in

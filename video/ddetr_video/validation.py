@@ -4,11 +4,16 @@
 ``mot_split``, ``mot_format`` from :mod:`ddetr_video.datasets`) and returns **all** the problems it finds as
 ``ddetr_d2.data.validation.DataProblem`` s, each naming its file (and line):
 
-* ``seqinfo.ini`` missing or unreadable, ``gt/gt.txt`` missing;
-* frame images missing or empty (``os.stat`` of ``<imDir>/<frame:06d><imExt>`` for frames 1..seqLength);
-* gt rows that do not parse, have NaN/inf, ``w``/``h`` <= 0 or lie entirely outside the image (MOT boxes may
-  reach past the border: pedestrians walk out of the frame), frame numbers outside 1..seqLength, class ids the
-  format does not know;
+* ``seqinfo.ini`` missing (a folder with ``img1/`` or ``gt/`` but no seqinfo.ini) or unreadable,
+  ``gt/gt.txt`` missing;
+* frame images missing or empty (``os.stat`` of ``<imDir>/<frame:06d><imExt>`` for frames 1..seqLength), or
+  image files past seqLength;
+* every gt row the loader would refuse, found by the loader's own parser
+  (:func:`ddetr_video.mot_format.read_mot_file`, one problem per row: wrong column count, not a number,
+  NaN/inf, frame outside 1..seqLength, id < 1, duplicate (frame, id), class ids the format does not know,
+  consider flag other than 0/1, visibility outside [0, 1], negative w/h), so pre-flight and loader agree;
+* besides, gt boxes with ``w``/``h`` = 0 or entirely outside the image (MOT boxes may reach past the border:
+  pedestrians walk out of the frame);
 * a training set without any target annotation;
 * more target classes than ``MODEL.DEFORMABLE_DETR.NUM_CLASSES``.
 
@@ -17,13 +22,24 @@ Registered for ``evaluator_type="mot"`` with ``ddetr_d2.data.validation.register
 
 from __future__ import annotations
 
-import math
 import os
 from typing import List
 
+import numpy as np
+
 from ddetr_d2.data.validation import INVALID_BOX, DataProblem, register_validator
 
-from .mot_format import MOTFormatError, get_format, image_path, list_sequences, read_seqinfo
+from .mot_format import (
+    CLASS,
+    CONF,
+    MOTFormatError,
+    X,
+    get_format,
+    image_path,
+    list_sequences,
+    read_mot_file,
+    read_seqinfo,
+)
 
 __all__ = ["validate_mot_dataset", "validate_mot_split"]
 
@@ -44,60 +60,50 @@ def _stat_images(seq_dir, info) -> List[DataProblem]:
     return problems
 
 
+def _problem(e: MOTFormatError) -> DataProblem:
+    """A loader error as a pre-flight problem (same place, same category)."""
+    return DataProblem(e.where, INVALID_BOX if e.kind == "invalid box" else e.kind, e.reason)
+
+
+def _extra_images(seq_dir, info) -> List[DataProblem]:
+    """Image files past seqLength (the loader refuses a folder that does not hold exactly seqLength)."""
+    im_dir = os.path.join(seq_dir, info.im_dir)
+    if not os.path.isdir(im_dir):
+        return []
+    expected = {os.path.basename(image_path(seq_dir, info, f)) for f in range(1, info.seq_length + 1)}
+    extra = sorted(n for n in os.listdir(im_dir) if n.endswith(info.im_ext) and n not in expected)
+    if not extra:
+        return []
+    where = f"{info.path}:{info.key_lines['seqLength']}" if "seqLength" in info.key_lines else info.path
+    more = "..." if len(extra) > 3 else ""
+    return [
+        DataProblem(
+            where, "image count", f"seqLength={info.seq_length} but {im_dir} also holds {extra[:3]}{more}"
+        )
+    ]
+
+
+def _box_problem(row, info) -> str | None:
+    """Why a parsed gt box is unusable for training (w/h = 0, or entirely outside the image), or None."""
+    x, y, w, h = (float(v) for v in row[X : X + 4])
+    if w <= 0 or h <= 0:
+        return f"box [x, y, w, h]={[x, y, w, h]} has w/h <= 0"
+    if x + w <= 0 or y + h <= 0 or x >= info.width or y >= info.height:
+        return f"box [x, y, w, h]={[x, y, w, h]} lies outside the {info.width}x{info.height} image"
+    return None
+
+
 def _gt_problems(gt_path, info, spec):
-    """(problems, number of target rows) of one gt.txt, every row checked."""
-    problems, targets = [], 0
-    with open(gt_path, encoding="utf-8") as fh:
-        for lineno, raw in enumerate(fh, 1):
-            line = raw.strip()
-            if not line:
-                continue
-            where = f"{gt_path}:{lineno}"
-            fields = [t.strip() for t in line.split(",")]
-            try:
-                vals = [float(t) for t in fields]
-            except ValueError:
-                problems.append(DataProblem(where, "bad row", f"non-numeric field in {line!r}"))
-                continue
-            if len(vals) < 6:
-                problems.append(
-                    DataProblem(where, "bad row", f"{len(vals)} fields, expected frame,id,x,y,w,h,...")
-                )
-                continue
-            frame, _, x, y, w, h = vals[:6]
-            if not all(math.isfinite(v) for v in vals):
-                problems.append(DataProblem(where, INVALID_BOX, f"NaN/inf in {line!r}"))
-                continue
-            if frame != int(frame) or not 1 <= frame <= info.seq_length:
-                problems.append(
-                    DataProblem(
-                        where, "bad frame", f"frame {frame:g} outside 1..{info.seq_length} (seqLength)"
-                    )
-                )
-            if w <= 0 or h <= 0:
-                problems.append(
-                    DataProblem(where, INVALID_BOX, f"box [x, y, w, h]={[x, y, w, h]} has w/h <= 0")
-                )
-            elif x + w <= 0 or y + h <= 0 or x >= info.width or y >= info.height:
-                problems.append(
-                    DataProblem(
-                        where,
-                        INVALID_BOX,
-                        f"box [x, y, w, h]={[x, y, w, h]} lies outside the {info.width}x{info.height} image",
-                    )
-                )
-            cls = int(vals[7]) if len(vals) > 7 else spec.eval_classes[0]
-            if cls not in spec.classes:
-                problems.append(
-                    DataProblem(
-                        where,
-                        "unknown class",
-                        f"class {cls} is not a {spec.name} class {sorted(spec.classes)}",
-                    )
-                )
-            elif cls in spec.eval_classes and (len(vals) < 7 or vals[6] > 0):
-                targets += 1
-    return problems, targets
+    """(problems, number of target rows) of one gt.txt, every row checked by the loader's parser."""
+    errors: List[MOTFormatError] = []
+    gt = read_mot_file(gt_path, "gt", spec, seq_length=info.seq_length, errors=errors)
+    problems = [_problem(e) for e in errors]
+    for row, lineno in zip(gt.data, gt.lines):
+        why = _box_problem(row, info)
+        if why is not None:
+            problems.append(DataProblem(f"{gt_path}:{lineno}", INVALID_BOX, why))
+    is_target = np.isin(gt.data[:, CLASS], spec.eval_classes) & (gt.data[:, CONF] > 0)
+    return problems, int(is_target.sum())
 
 
 def validate_mot_split(
@@ -113,17 +119,16 @@ def validate_mot_split(
     if detector is not None:
         names = [n for n in names if n.endswith("-" + detector)]
     if not names:
-        return [DataProblem(split_dir, "no sequences", "no sequence folder with a seqinfo.ini")]
+        return [DataProblem(split_dir, "no sequences", "no sequence folder (with seqinfo.ini, img1/ or gt/)")]
     problems, targets = [], 0
     for name in names:
         seq_dir = os.path.join(split_dir, name)
         try:
             info = read_seqinfo(os.path.join(seq_dir, "seqinfo.ini"))
         except MOTFormatError as e:
-            where = e.path if e.line is None else f"{e.path}:{e.line}"
-            problems.append(DataProblem(where, "bad seqinfo", e.reason))
+            problems.append(_problem(e))
             continue
-        problems += _stat_images(seq_dir, info)
+        problems += _stat_images(seq_dir, info) + _extra_images(seq_dir, info)
         gt_path = os.path.join(seq_dir, "gt", "gt.txt")
         if not os.path.isfile(gt_path):
             problems.append(DataProblem(gt_path, "missing annotations", "gt file not found"))

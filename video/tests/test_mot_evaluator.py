@@ -252,3 +252,51 @@ def test_evaluator_partial_sequence_and_errors(tmp_path):
         ev.process([{"sequence": "s", "mot_frame": 1}], [{"instances": inst}])
     write_results_file(str(tmp_path / "x.txt"), np.zeros((0, 7)))
     assert (tmp_path / "x.txt").read_text() == ""
+
+
+def _separated_case(rng, n_frames, n_obj, shift):
+    """Objects 150 px apart (a prediction overlaps at most its own object); a prediction is its object's box
+    moved by ``shift`` x the box size, plus noise: IoU >= 0.5 (a match) for small shifts, 0 for shifts > 1."""
+    gt_rows, pred_rows = [], []
+    for k in range(n_obj):
+        size = rng.uniform(20, 60, 2)
+        for f in range(1, n_frames + 1):
+            box = np.r_[150.0 * k + 2 * f, 50.0, size]
+            gt_rows.append([f, k + 1, *box, 1, 0, 1.0])
+            if rng.random() < 0.8:
+                jit = (shift + rng.normal(0, 0.05, 2)) * size
+                pred_rows.append([f, k + 1, *(box + np.r_[jit, 0, 0]), 0.9, 0])
+    gt = SequenceGT(np.arange(1, n_frames + 1), np.array(gt_rows), np.zeros((0, 9)))
+    return gt, np.array(pred_rows).reshape(-1, 8)
+
+
+def _brute_force_matched_ious(gt: SequenceGT, pred: np.ndarray) -> list:
+    """IoU of every (gt, prediction) pair of a frame with IoU >= 0.5 (unique per object by construction)."""
+    ious = []
+    for g in gt.targets:
+        for p in pred[pred[:, 0] == g[0]]:
+            iou = box_iou_xywh(g[None, 2:6], p[None, 2:6])[0, 0]
+            if iou >= 0.5:
+                ious.append(iou)
+    return ious
+
+
+def test_overall_motp_is_the_mean_iou_of_all_matches():
+    """A sequence without a match (no predictions, or only far ones) must not make the overall MOTP NaN:
+    it is the mean IoU over every match of every sequence, in percent (not the mean of per-sequence MOTPs)."""
+    rng = np.random.default_rng(3)
+    gt, pred = {}, {}
+    gt["a"], pred["a"] = _separated_case(rng, 12, 3, shift=0.08)
+    gt["b"], pred["b"] = _separated_case(rng, 5, 2, shift=0.2)
+    gt["c"], pred["c"] = _separated_case(rng, 6, 2, shift=1.5)  # predictions, none matches
+    gt["d"], _ = _separated_case(rng, 4, 2, shift=0.0)  # no predictions at all
+    overall, per_seq = compute_tracking_metrics(gt, pred)
+    ious = {s: _brute_force_matched_ious(gt[s], pred.get(s, np.zeros((0, 8)))) for s in gt}
+    assert len(ious["a"]) > 2 * len(ious["b"]) > 0 and ious["c"] == ious["d"] == []
+    for s in "ab":
+        assert per_seq[s]["MOTP"] == pytest.approx(100 * np.mean(ious[s]))
+    assert np.isnan(per_seq["c"]["MOTP"]) and np.isnan(per_seq["d"]["MOTP"])
+    assert overall["MOTP"] == pytest.approx(100 * np.mean(ious["a"] + ious["b"]))
+    # no match in any sequence: NaN (there is nothing to average)
+    none, _ = compute_tracking_metrics({s: gt[s] for s in "cd"}, pred)
+    assert np.isnan(none["MOTP"])

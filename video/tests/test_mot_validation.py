@@ -1,13 +1,16 @@
 """Pre-flight MOT validator on generated MOT folders with planted faults: each is reported, with its place."""
 
 import os
+import re
+import shutil
 
 import pytest
 from detectron2.data import DatasetCatalog, MetadataCatalog
 
 from ddetr_d2.data.validation import INVALID_BOX, validate_datasets
 from ddetr_video.config import get_tracker_cfg
-from ddetr_video.datasets import register_mot_dataset
+from ddetr_video.datasets import load_mot_dataset, register_mot_dataset
+from ddetr_video.mot_format import MOTFormatError
 from ddetr_video.synthetic_video import SyntheticVideoConfig, generate_dataset
 from ddetr_video.validation import validate_mot_split
 
@@ -107,3 +110,77 @@ def test_registered_for_mot_evaluator_type(mot_root):
     finally:
         DatasetCatalog.remove(name)
         MetadataCatalog.remove(name)
+
+
+def _append_gt(root, line):
+    """Append ``line`` to the first sequence's gt.txt; returns (gt path, its 1-based line number)."""
+    gt = os.path.join(_seq(root), "gt", "gt.txt")
+    with open(gt) as f:
+        n = len(f.read().splitlines())
+    with open(gt, "a") as f:
+        f.write(line + "\n")
+    return gt, n + 1
+
+
+@pytest.mark.parametrize(
+    "line, kind, message",
+    [
+        ("2,9,10,10,5,5,1,1", "bad row", "expected 9 comma-separated columns"),  # 8 columns
+        ("1,1,10,10,5,5,1,1,1.0", "duplicate id", "duplicate id 1 in frame 1"),  # frame 1 has id 1 already
+        ("2,0,10,10,5,5,1,1,1.0", "bad id", "positive integer, got 0"),
+        ("2,-3,10,10,5,5,1,1,1.0", "bad id", "positive integer, got -3"),
+        ("2,9,10,10,5,5,2,1,1.0", "bad flag", r"consider flag \(column 7\) must be 0 or 1, got 2"),
+        ("2,9,10,10,5,5,0.5,1,1.0", "bad flag", "must be 0 or 1, got 0.5"),
+        ("2,9,10,10,5,5,1,1,1.5", "bad visibility", r"visibility must be in \[0, 1\], got 1.5"),
+        ("2,9,10,10,5,5,1,1,-0.1", "bad visibility", "got -0.1"),
+    ],
+)
+def test_preflight_reports_what_the_loader_refuses(mot_root, line, kind, message):
+    """Each gt fault the loader raises on is one pre-flight problem at the same file:line (same parser)."""
+    gt, lineno = _append_gt(mot_root, line)
+    problems = validate_mot_split(mot_root, "train", "synthetic", is_train=True, num_classes=3)
+    assert [(p.where, p.kind) for p in problems] == [(f"{gt}:{lineno}", kind)]
+    assert re.search(message, problems[0].message)
+    with pytest.raises(MOTFormatError, match=re.escape(f"{gt}:{lineno}: ") + ".*" + message):
+        load_mot_dataset(mot_root, "train", "synthetic")
+
+
+def test_every_faulty_row_is_reported_once(mot_root):
+    """All faults of a file at once, each with its own line (the loader stops at the first)."""
+    gt, first = _append_gt(mot_root, "2,9,10,10,5,5,1,1")
+    _append_gt(mot_root, "2,9,10,10,5,5,1,1,1.0")
+    _append_gt(mot_root, "2,9,10,10,5,5,1,1,1.0")  # duplicate of the line before
+    _append_gt(mot_root, "3,0,10,10,5,5,1,1,1.0")
+    problems = validate_mot_split(mot_root, "train", "synthetic")
+    assert [(p.where, p.kind) for p in problems] == [
+        (f"{gt}:{first}", "bad row"),
+        (f"{gt}:{first + 2}", "duplicate id"),
+        (f"{gt}:{first + 3}", "bad id"),
+    ]
+
+
+def test_sequence_folder_without_seqinfo_is_a_problem(mot_root):
+    """A folder with img1/ or gt/ but no seqinfo.ini is reported (and fails loading), not skipped."""
+    os.remove(os.path.join(_seq(mot_root), "seqinfo.ini"))
+    os.makedirs(os.path.join(mot_root, "train", "SYN-train-03", "gt"))
+    os.makedirs(os.path.join(mot_root, "train", "notes"))  # no img1/, gt/ nor seqinfo.ini: not a sequence
+    problems = validate_mot_split(mot_root, "train", "synthetic", is_train=True, num_classes=3)
+    assert [(p.where, p.kind) for p in problems] == [
+        (os.path.join(_seq(mot_root), "seqinfo.ini"), "missing seqinfo"),
+        (os.path.join(_seq(mot_root, "SYN-train-03"), "seqinfo.ini"), "missing seqinfo"),
+    ]
+    assert _seq(mot_root) in problems[0].message
+    with pytest.raises(MOTFormatError, match=re.escape(os.path.join(_seq(mot_root), "seqinfo.ini"))):
+        load_mot_dataset(mot_root, "train", "synthetic")
+
+
+def test_image_past_seqlength_is_a_problem(mot_root):
+    """The loader refuses an image folder holding more than seqLength frames: so does pre-flight."""
+    img = os.path.join(_seq(mot_root), "img1")
+    shutil.copy(os.path.join(img, "000001.jpg"), os.path.join(img, "000009.jpg"))
+    problems = validate_mot_split(mot_root, "train", "synthetic")
+    seqinfo = os.path.join(_seq(mot_root), "seqinfo.ini")
+    assert [(p.where.rsplit(":", 1)[0], p.kind) for p in problems] == [(seqinfo, "image count")]
+    assert "000009.jpg" in problems[0].message
+    with pytest.raises(MOTFormatError, match="seqLength=8"):
+        load_mot_dataset(mot_root, "train", "synthetic")
