@@ -98,18 +98,18 @@ def export_main(argv):
         image = ImagePredictor(cfg, model).preprocess(read_image_bgr(args.sample_image))["image"]
     else:
         input_size = tuple(args.input_size) if args.input_size else default_export_size(cfg)
-    torch.set_grad_enabled(False)
     # the tracer flags every Python int taken from a tensor (level shapes, loop bounds): that the graph
     # is fixed to one input size is by design (exporter docstring, docs/deployment.md)
-    warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
-    path = export_detector(
-        model,
-        args.output,
-        args.format,
-        args.msda,
-        input_size=input_size,
-        image=image,
-        input_format=cfg.INPUT.FORMAT,
-    )
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
+        path = export_detector(
+            model,
+            args.output,
+            args.format,
+            args.msda,
+            input_size=input_size,
+            image=image,
+            input_format=cfg.INPUT.FORMAT,
+        )
     print(f"exported {args.config_file} ({args.format}, MSDA {args.msda}) to {os.path.abspath(path)}")
     return path
