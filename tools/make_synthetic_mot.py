@@ -129,7 +129,15 @@ def main(argv=None) -> int:
 
         names = register_synthetic_eval_splits(root, prefix="make_synthetic_mot", seed=args.seed)
         for split, name in names.items():
-            print(f"{split}: {len(DatasetCatalog.get(name))} frames at {root}_{split.split('_')[0]}")
+            folder = f"{root}_{split.split('_')[0]}"
+            try:
+                frames = len(DatasetCatalog.get(name))  # generates the split on first use
+            except ValueError as e:  # a set of another recipe (seed) already there
+                raise UserError(
+                    f"{folder}: {str(e).splitlines()[0]} ({' '.join(str(e).splitlines()[1:3])}): remove "
+                    "the folder, or pass the --seed it was made with, or choose another --root"
+                ) from None
+            print(f"{split}: {frames} frames at {folder}")
         return 0
     if not args.check:
         _generate(root, args)

@@ -63,3 +63,14 @@ def test_check_names_a_sequence_folder_without_seqinfo(made, copy):
     assert os.path.join(extra, "seqinfo.ini") in line
     p = _cli("--root", made, "--check")  # the set itself is fine
     assert p.returncode == 0 and "train/SYN-train-01: 8 frames" in p.stdout, p.stderr
+
+
+def test_eval_splits_over_a_set_of_another_recipe_is_one_line(tmp_path):
+    """--eval-splits generates <root>_tune / <root>_hard on first use; one made with another recipe (here a
+    marker of another seed, so nothing is generated) is a one-line error, not the loader's traceback."""
+    root = str(tmp_path / "syn")
+    os.makedirs(root + "_tune")
+    with open(os.path.join(root + "_tune", ".complete"), "w") as f:
+        f.write('{"seed": -1}')
+    line = _one_error_line(_cli("--root", root, "--eval-splits"))
+    assert line.startswith(f"error: {root}_tune: ") and "--seed" in line and "overwrite=True" not in line
