@@ -26,6 +26,7 @@ import torch
 from detectron2.data import transforms as T
 from detectron2.export import TracingAdapter
 
+from ddetr_d2.checkpoint import atomic_write
 from ddetr_d2.errors import UserError
 from ddetr_d2.ops import msda_export_formulation
 from ddetr_d2.ops.ms_deform_attn_export import FORMULATIONS
@@ -86,11 +87,6 @@ def traceable_detector(model, image):
     return adapter
 
 
-def _num_classes(model):
-    head = model.class_embed
-    return int((head[0] if isinstance(head, torch.nn.ModuleList) else head).out_features)
-
-
 def _check_request(fmt, msda, input_size):
     if fmt not in EXPORT_FORMATS:
         raise ExportError(f"--format must be one of {EXPORT_FORMATS}, got {fmt!r}")
@@ -106,8 +102,9 @@ def export_detector(
     """
     Trace ``model`` (a ``DeformableDETR`` in eval mode, fp32, on CPU) for one input size and write
     ``model.onnx`` or ``model.ts`` plus ``export_meta.json`` (format, formulation, input size, number of
-    classes, output names) into ``output_dir``. Both files are written under temporary names and renamed
-    when complete: a failed export leaves an earlier export in that folder as it was.
+    classes, output names) into ``output_dir``. Each file is written atomically
+    (:func:`ddetr_d2.checkpoint.atomic_write`): a failed export leaves an earlier export in that folder as it
+    was.
 
     Args:
         fmt: "onnx" or "torchscript".
@@ -133,44 +130,30 @@ def export_detector(
     meta_path = os.path.join(output_dir, META_FILE)
     if os.path.isfile(meta_path):
         logger.warning("%s holds an earlier export: replacing it", output_dir)
-    tmp = f"{path}.tmp{os.getpid()}"
     opset = ONNX_OPSETS[msda] if fmt == "onnx" else None
-    try:
-        with msda_export_formulation(msda):
-            adapter = traceable_detector(model, image)
-            if fmt == "torchscript":
-                with torch.no_grad():
-                    traced = torch.jit.trace(adapter, (image,), check_trace=False)
-                torch.jit.save(traced, tmp)
-            else:
-                torch.onnx.export(
-                    adapter,
-                    (image,),
-                    tmp,
-                    opset_version=opset,
-                    input_names=["image"],
-                    output_names=adapter.output_names,
-                    do_constant_folding=True,
-                )
-        meta = {
-            "format": fmt,
-            "msda": msda,
-            "input_size": list(input_size),
-            "input_format": input_format,
-            "num_classes": _num_classes(model),
-            "input_name": "image",
-            "output_names": adapter.output_names,
-            "opset": opset,
-            "model_file": MODEL_FILES[fmt],
-        }
-        with open(f"{meta_path}.tmp{os.getpid()}", "w") as f:
-            json.dump(meta, f, indent=2)
-        os.replace(tmp, path)
-        os.replace(f"{meta_path}.tmp{os.getpid()}", meta_path)
-    finally:
-        for leftover in (tmp, f"{meta_path}.tmp{os.getpid()}"):
-            if os.path.exists(leftover):
-                os.remove(leftover)
+    with msda_export_formulation(msda):
+        adapter = traceable_detector(model, image)
+        if fmt == "torchscript":
+            with torch.no_grad():
+                traced = torch.jit.trace(adapter, (image,), check_trace=False)
+            atomic_write(path, lambda f: torch.jit.save(traced, f))
+        else:
+            export = dict(opset_version=opset, input_names=["image"], output_names=adapter.output_names)
+            atomic_write(
+                path, lambda f: torch.onnx.export(adapter, (image,), f, do_constant_folding=True, **export)
+            )
+    meta = {
+        "format": fmt,
+        "msda": msda,
+        "input_size": list(input_size),
+        "input_format": input_format,
+        "num_classes": int(model.num_classes),
+        "input_name": "image",
+        "output_names": adapter.output_names,
+        "opset": opset,
+        "model_file": MODEL_FILES[fmt],
+    }
+    atomic_write(meta_path, lambda f: json.dump(meta, f, indent=2), mode="w")
     stale = [f for k, f in MODEL_FILES.items() if k != fmt and os.path.isfile(os.path.join(output_dir, f))]
     if stale:
         logger.warning(
