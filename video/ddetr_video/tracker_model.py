@@ -213,18 +213,18 @@ class QueryTracker(DeformableDETR):
             ref_d = torch.cat([ref_d, self.detect_ref_wh.sigmoid()[None]], -1)
         else:
             t_ref = t_ref[:, :2]  # MOTR: a track's reference point is its last box centre
-        # an association that reports the per-frame detector's detections (QueryIoUTracker) hides the
-        # tracks from the detect queries; training and MOTR's rule: all queries see each other
-        blind = not self.training and not getattr(self.tracker, "detect_sees_tracks", True)
+        T = t_tgt.shape[0]
+        # an association that reports the per-frame detector's detections (QueryIoUTracker) hides every
+        # track from the detect queries; training and MOTR's rule: all queries see each other
+        if not self.training and not getattr(self.tracker, "detect_sees_tracks", True):
+            hidden = torch.ones(T, dtype=torch.bool)
         queries = assemble_query_groups(
             [
                 QueryGroup("track", t_tgt[None], t_pos[None], t_ref[None]),
                 QueryGroup("detect", tgt_d, pos_d, ref_d),
-            ],
-            blocked=[("detect", "track")] if blind and t_tgt.shape[0] else (),
+            ]
         )
-        if hidden is not None and not blind and bool(hidden.any()):
-            T = t_tgt.shape[0]
+        if hidden is not None and bool(hidden.any()):  # detect -> hidden track, per query
             if hidden.shape != (T,):
                 raise ValueError(
                     f"hidden must be ({T},) bool for {T} track queries, got {tuple(hidden.shape)}"
