@@ -16,6 +16,7 @@ help:
 	@echo "make quickstart  - install, train the quickstart model on synthetic data, evaluate, run the demo"
 	@echo "make test        - install (with test extras), run the test suite"
 	@echo "make bench       - kernel benchmark (C++ CPU kernel vs PyTorch reference)"
+	@echo "make bench-tracking - query tracker vs detection + IoUTracker on synthetic MOT (tools/benchmark_tracking.py)"
 	@echo "make bench-threads - training s/it on an idle / shared CPU per OpenMP wait policy"
 	@echo "make soak        - kill -9 a small training run 10 times, resume, check the continuation"
 	@echo "make lint        - ruff"

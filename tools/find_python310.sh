@@ -24,6 +24,6 @@ ERROR: no working CPython 3.10 found.
 ddetr-d2 pins torch 2.3.1 and sal-detectron2 0.7.2, whose compiled detectron2._C exists only for CPython 3.10.
 Install Python 3.10 (e.g. `pyenv install 3.10.13`, or your distribution's python3.10 + python3.10-venv),
 or point PYTHON310=/path/to/python3.10 at one, then run make again.
-For other Python/torch versions see README.md, "Using a source build of detectron2".
+For other Python/torch versions see README.md, "Environment, and using a source build of detectron2 instead".
 MSG
 exit 1
