@@ -8,7 +8,7 @@ from detectron2.config import get_cfg
 
 from .errors import ConfigError
 
-__all__ = ["add_deformable_detr_config", "build_cfg", "setup_cfg"]
+__all__ = ["add_deformable_detr_config", "build_cfg", "setup_cfg", "check_model_config"]
 
 
 def build_cfg(config_file=None, opts=(), add_config_fns=(), freeze=True):
@@ -28,15 +28,29 @@ def build_cfg(config_file=None, opts=(), add_config_fns=(), freeze=True):
     add_deformable_detr_config(cfg)
     for fn in add_config_fns:
         fn(cfg)
-    try:
-        if config_file:
+    if config_file:
+        if os.path.getsize(config_file) == 0:
+            raise ConfigError(f"config file {config_file} is empty")
+        try:
             cfg.merge_from_file(config_file)
+        except Exception as e:  # yacs raises KeyError/ValueError/AssertionError naming the key
+            raise ConfigError(f"bad config file {config_file}: {_yacs_reason(e)}") from e
+    try:
         cfg.merge_from_list(opts)
-    except Exception as e:  # yacs raises KeyError/ValueError/AssertionError naming the key
-        raise ConfigError(f"bad config ({config_file}, options {opts}): {type(e).__name__}: {e}") from e
+    except Exception as e:
+        raise ConfigError(f"bad config option: {_yacs_reason(e)}") from e
     if freeze:
         cfg.freeze()
     return cfg
+
+
+def _yacs_reason(e):
+    """yacs' message, with a hint for the empty / non-mapping yaml files it does not explain."""
+    if isinstance(e, TypeError) and "NoneType" in str(e):
+        return "the file (or a file it names in _BASE_) holds no settings"
+    if isinstance(e, (TypeError, AttributeError)) and ("str" in str(e) or "list" in str(e)):
+        return f"expected 'KEY: value' settings at the top level ({type(e).__name__}: {e})"
+    return f"{type(e).__name__}: {e}"
 
 
 def setup_cfg(args, add_config_fns=(), freeze=True):
@@ -190,3 +204,32 @@ def add_deformable_detr_config(cfg):
 
     add_dataset_mapper_config(cfg)
     return cfg
+
+
+def check_model_config(cfg):
+    """Raise :class:`ConfigError` naming the key for ``MODEL.DEFORMABLE_DETR`` values the model cannot be
+    built or trained with (instead of a ``ZeroDivisionError`` at build time or a reshape error at the first
+    step)."""
+    c = cfg.MODEL.DEFORMABLE_DETR
+    key = "MODEL.DEFORMABLE_DETR."
+    at_least = {
+        "NUM_CLASSES": 1, "NUM_QUERIES": 1, "HIDDEN_DIM": 1, "NHEADS": 1, "ENC_LAYERS": 0,
+        "DEC_LAYERS": 1, "DIM_FEEDFORWARD": 1, "ENC_N_POINTS": 1, "DEC_N_POINTS": 1,
+        "DETECTIONS_PER_IMAGE": 1, "IM2COL_STEP": 1,
+    }  # fmt: skip
+    for name, low in at_least.items():
+        value = c[name]
+        if not isinstance(value, int) or isinstance(value, bool) or value < low:
+            raise ConfigError(f"{key}{name} must be an integer >= {low}, got {value!r}")
+    if c.HIDDEN_DIM % c.NHEADS:
+        raise ConfigError(f"{key}NHEADS ({c.NHEADS}) must divide {key}HIDDEN_DIM ({c.HIDDEN_DIM})")
+    if not 0.0 <= c.DROPOUT < 1.0:
+        raise ConfigError(f"{key}DROPOUT must be in [0, 1), got {c.DROPOUT}")
+    weights = ("COST_CLASS", "COST_BBOX", "COST_GIOU", "CLASS_WEIGHT", "BBOX_WEIGHT", "GIOU_WEIGHT")
+    for name in weights + ("FOCAL_GAMMA",):
+        if c[name] < 0:
+            raise ConfigError(f"{key}{name} must be >= 0, got {c[name]}")
+    if not 0.0 <= c.FOCAL_ALPHA <= 1.0:
+        raise ConfigError(f"{key}FOCAL_ALPHA must be in [0, 1], got {c.FOCAL_ALPHA}")
+    if c.TWO_STAGE and not c.WITH_BOX_REFINE:
+        raise ConfigError(f"{key}TWO_STAGE needs WITH_BOX_REFINE: True (as in the official code)")

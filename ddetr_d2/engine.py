@@ -54,6 +54,8 @@ __all__ = [
     "InterruptCheckpointer",
     "ResumableTrainingSampler",
     "TrainingInterrupted",
+    "check_output_dir",
+    "check_training_weights",
     "create_ddp_model",
     "is_cpu",
     "launch_processes",
@@ -519,6 +521,43 @@ def load_eval_weights(cfg, model, args):
         load_weights_checked(model, cfg.MODEL.WEIGHTS, allow_mismatch=allow_mismatch)
 
 
+def check_output_dir(cfg):
+    """Before ``default_setup`` writes its logs there: a local OUTPUT_DIR is a folder that exists or can be
+    made, and can be written to; else :class:`ConfigError` naming it."""
+    out = cfg.OUTPUT_DIR
+    if not out:
+        raise ConfigError("OUTPUT_DIR is empty: name the folder for logs and checkpoints")
+    if "://" in out:  # a PathManager URI: its handler decides
+        return
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise ConfigError(f"OUTPUT_DIR {out} is a file, not a folder")
+    try:
+        os.makedirs(out, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(f"OUTPUT_DIR {out} cannot be created: {e.strerror or e}") from None
+    if not os.access(out, os.W_OK | os.X_OK):
+        raise ConfigError(f"OUTPUT_DIR {out} is not writable")
+
+
+def check_training_weights(cfg, resume):
+    """Before anything is built: a local MODEL.WEIGHTS that training starts from is a file (a missing one
+    was fvcore's ``AssertionError`` after the data loader was built). Skipped when ``--resume`` finds
+    OUTPUT_DIR/last_checkpoint (then MODEL.WEIGHTS is not read) and for URLs (their handler decides)."""
+    weights = cfg.MODEL.WEIGHTS
+    if not weights or ("://" in weights and not weights.startswith("file://")):
+        return
+    if resume and os.path.isfile(os.path.join(cfg.OUTPUT_DIR, "last_checkpoint")):
+        return
+    path = weights[len("file://") :] if weights.startswith("file://") else weights
+    if os.path.isdir(path):
+        raise WeightsError(f"MODEL.WEIGHTS {weights} is a folder, not a checkpoint file")
+    if not os.path.isfile(path):
+        raise WeightsError(
+            f"MODEL.WEIGHTS {weights} not found (training starts from these weights; leave MODEL.WEIGHTS "
+            "empty to start from a random initialisation)"
+        )
+
+
 def train_or_evaluate(cfg, args, trainer_cls):
     """
     The body of a ``train_net.py`` main: pre-flight checks of the datasets and evaluators (before the
@@ -532,6 +571,8 @@ def train_or_evaluate(cfg, args, trainer_cls):
     from .evaluation import check_evaluators
 
     logging.getLogger("ddetr_d2").info(policy_line())
+    if not args.eval_only:
+        check_training_weights(cfg, resume=args.resume)
     check_datasets(cfg, eval_only=args.eval_only)
     check_evaluators(cfg)
     if args.eval_only:

@@ -21,6 +21,8 @@ import torch
 from detectron2.config import CfgNode
 from detectron2.solver.build import maybe_add_gradient_clipping
 
+from .errors import ConfigError
+
 __all__ = ["get_param_groups", "build_optimizer", "add_full_model_gradient_clipping"]
 
 logger = logging.getLogger(__name__)
@@ -31,6 +33,9 @@ LINEAR_PROJ_NAMES = ("sampling_offsets", "reference_points")
 def get_param_groups(cfg: CfgNode, model: torch.nn.Module) -> list:
     """Three param groups (backbone / linear projections / rest); frozen params are skipped."""
     base_lr = cfg.SOLVER.BASE_LR
+    for key in ("BASE_LR", "BACKBONE_MULTIPLIER", "LINEAR_PROJ_MULTIPLIER", "WEIGHT_DECAY"):
+        if cfg.SOLVER[key] < 0:
+            raise ConfigError(f"SOLVER.{key} must be >= 0, got {cfg.SOLVER[key]}")
     groups = {
         "backbone": {"params": [], "lr": base_lr * cfg.SOLVER.BACKBONE_MULTIPLIER},
         "linear_proj": {"params": [], "lr": base_lr * cfg.SOLVER.LINEAR_PROJ_MULTIPLIER},

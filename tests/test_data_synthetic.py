@@ -94,3 +94,20 @@ def test_register_user_coco_folder(tmp_path):
         register_coco_folder(name, j, str(tmp_path))
     with pytest.raises(ValueError, match="NAME=JSON:IMAGE_DIR"):
         parse_dataset_spec("no_equals_sign")
+
+
+def test_generator_without_objects_and_bad_arguments(tmp_path):
+    """max_objects 0 gives images without objects (the docs' "0-6 shapes"); bad sizes are refused before
+    any folder is made."""
+    json_file = make_synthetic_coco(str(tmp_path), "empty", 4, seed=0, image_size=32, max_objects=0)
+    d = json.load(open(json_file))
+    assert len(d["images"]) == 4 and d["annotations"] == []
+    for kwargs, message in [
+        ({"image_size": 3}, "image_size must be >= 4"),
+        ({"max_objects": -1}, "max_objects must be >= 0"),
+        ({"num_images": -1}, "num_images must be >= 0"),
+    ]:
+        args = {"num_images": 1, **kwargs}
+        with pytest.raises(ValueError, match=message):
+            make_synthetic_coco(str(tmp_path), "bad", args.pop("num_images"), seed=0, **args)
+    assert not (tmp_path / "bad").exists()

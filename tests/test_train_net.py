@@ -429,12 +429,20 @@ def test_bad_dataset_stops_before_the_model_is_built(tmp_path):
     [
         (["SOLVER.AMP.ENABLED", "True"], "error: SOLVER.AMP.ENABLED=True needs a CUDA device"),
         (["SOLVER.TIME_BUDGET_SECONDS", "-5"], "error: SOLVER.TIME_BUDGET_SECONDS must be >= 0"),
+        (["MODEL.DEFORMABLE_DETR.NHEADS", "5"], "error: MODEL.DEFORMABLE_DETR.NHEADS (5) must divide"),
+        (["MODEL.WEIGHTS", "{tmp}/missing.pth"], "error: MODEL.WEIGHTS {tmp}/missing.pth not found"),
+        (["OUTPUT_DIR", "{tmp}/a_file"], "error: OUTPUT_DIR {tmp}/a_file is a file"),
+        (["OUTPUT_DIR", "{tmp}/a_file/out"], "error: OUTPUT_DIR {tmp}/a_file/out cannot be created"),
     ],
 )
 def test_user_errors_are_one_line(opts, message, data, tmp_path):
-    """A config error (AMP on CPU, a negative time budget): exit 2 and one error line, no traceback."""
+    """A config error (AMP on CPU, a negative time budget, heads that do not divide the width, missing
+    weights, an OUTPUT_DIR that cannot be a folder): exit 2 and one error line, no traceback."""
+    (tmp_path / "a_file").write_text("not a folder")
+    opts = [o.format(tmp=tmp_path) for o in opts]
+    message = message.format(tmp=tmp_path)
     cmd = [sys.executable, TRAIN_NET, "--config-file", os.path.join(REPO, "configs", "tiny_test.yaml"), *data,
-           "DATASETS.TRAIN", '("tiny_train",)', *opts, "OUTPUT_DIR", str(tmp_path)]  # fmt: skip
+           "DATASETS.TRAIN", '("tiny_train",)', "OUTPUT_DIR", str(tmp_path), *opts]  # fmt: skip
     p = subprocess.run(cmd, capture_output=True, text=True, env=_env(), cwd=REPO, timeout=240)
     assert p.returncode == 2, p.stderr[-3000:]
     assert "Traceback" not in p.stderr

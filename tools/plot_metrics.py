@@ -17,6 +17,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+IMAGE_SUFFIXES = (".png", ".jpg", ".pdf", ".svg")
+
 
 def read_metrics(path):
     """List of dicts, one per logged iteration; later entries win when a run was resumed."""
@@ -33,6 +35,9 @@ def read_metrics(path):
             except json.JSONDecodeError:  # a half-written last line of a killed run
                 print(f"warning: skipping unreadable line {n} of {path}", file=sys.stderr)
                 continue
+            if not isinstance(row, dict):
+                print(f"warning: skipping line {n} of {path}: not a JSON object", file=sys.stderr)
+                continue
             if "iteration" in row:
                 rows.setdefault(row["iteration"], {}).update(row)
     return [rows[k] for k in sorted(rows)]
@@ -42,6 +47,13 @@ def plot(rows, out_file, keys=None):
     loss_rows = [r for r in rows if "total_loss" in r]
     if not loss_rows:
         raise ValueError("metrics.json has no 'total_loss' entries to plot")
+    logged = sorted({k for r in loss_rows for k in r})
+    if keys:
+        unknown = [k for k in keys if k not in logged]
+        if len(unknown) == len(keys):
+            raise ValueError(f"none of --keys {keys} is in metrics.json; it has {logged}")
+        for k in unknown:
+            print(f"warning: --keys {k} is not in metrics.json", file=sys.stderr)
     keys = keys or ["total_loss", "loss_ce", "loss_bbox", "loss_giou"]
     fig, (ax, ax_lr) = plt.subplots(2, 1, figsize=(8, 6), sharex=True, gridspec_kw={"height_ratios": [3, 1]})
     for k in keys:
@@ -75,6 +87,14 @@ def main(argv=None):
     parser.add_argument("--out", default="", help="PNG path (default OUTPUT_DIR/loss_curve.png)")
     parser.add_argument("--keys", nargs="*", default=None, help="metrics to plot (default: the main losses)")
     args = parser.parse_args(argv)
+    if args.out:
+        if os.path.isdir(args.out):
+            parser.error(f"--out {args.out} is a folder: give a file name such as {args.out}/loss_curve.png")
+        if os.path.splitext(args.out)[1].lower() not in IMAGE_SUFFIXES:
+            parser.error(f"--out {args.out}: the file name must end in one of {', '.join(IMAGE_SUFFIXES)}")
+        folder = os.path.dirname(os.path.abspath(args.out))
+        if not os.path.isdir(folder):
+            parser.error(f"--out {args.out}: folder {folder} does not exist")
     out = plot(
         read_metrics(os.path.join(args.output_dir, "metrics.json")),
         args.out or os.path.join(args.output_dir, "loss_curve.png"),

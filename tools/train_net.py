@@ -37,7 +37,7 @@ from detectron2.utils.logger import setup_logger
 from ddetr_d2.config import setup_cfg
 from ddetr_d2.data import parse_dataset_spec, register_coco_folder
 from ddetr_d2.engine import DeformableDetrTrainer as Trainer
-from ddetr_d2.engine import is_cpu, run_entry_point, train_or_evaluate
+from ddetr_d2.engine import check_output_dir, is_cpu, run_entry_point, train_or_evaluate
 from ddetr_d2.errors import ConfigError
 
 
@@ -56,6 +56,7 @@ def setup(args):
     _check_config(cfg)
     for spec in args.dataset:
         register_coco_folder(*parse_dataset_spec(spec))
+    check_output_dir(cfg)
     default_setup(cfg, args)
     setup_logger(output=cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="ddetr_d2")
     return cfg

@@ -23,7 +23,7 @@ from detectron2.utils.logger import setup_logger
 
 import ddetr_video  # noqa: F401  (registers the meta-architecture, datasets, "mot" evaluator and validator)
 from ddetr_d2.config import setup_cfg
-from ddetr_d2.engine import run_entry_point, train_or_evaluate
+from ddetr_d2.engine import check_output_dir, run_entry_point, train_or_evaluate
 from ddetr_video.config import add_tracker_config
 from ddetr_video.datasets import register_all
 from ddetr_video.engine import TrackerTrainer
@@ -36,6 +36,7 @@ def tracker_cfg(args):
 def setup(args):
     cfg = tracker_cfg(args)
     register_all()
+    check_output_dir(cfg)
     default_setup(cfg, args)
     setup_logger(output=cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="ddetr_video")
     setup_logger(output=cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="ddetr_d2")

@@ -132,6 +132,9 @@ def _sample_size(short_side: int, rs: np.random.RandomState) -> float:
     return float(np.exp(rs.uniform(np.log(32), np.log(max(0.65 * short_side, 33)))))
 
 
+MIN_IMAGE_SIZE = 4  # the smallest longest side make_synthetic_coco draws (sides vary in [0.75, 1]x)
+
+
 def render_image(rs: np.random.RandomState, width: int, height: int, max_objects: int = 6):
     """Draw one image.
 
@@ -141,7 +144,8 @@ def render_image(rs: np.random.RandomState, width: int, height: int, max_objects
     """
     img = _background(height, width, rs)
     _clutter(img, rs)
-    n = rs.randint(0, max_objects + 1) if rs.rand() < 0.03 else rs.randint(1, max_objects + 1)
+    at_least = min(1, max_objects)  # max_objects 0: images without objects
+    n = rs.randint(0, max_objects + 1) if rs.rand() < 0.03 else rs.randint(at_least, max_objects + 1)
     occupied = np.zeros((height, width), np.uint8)
     objects = []
     for _ in range(n):
@@ -194,6 +198,10 @@ def make_synthetic_coco(
     """
     if num_images < 0:
         raise ValueError(f"num_images must be >= 0, got {num_images}")
+    if image_size < MIN_IMAGE_SIZE:
+        raise ValueError(f"image_size must be >= {MIN_IMAGE_SIZE}, got {image_size}")
+    if max_objects < 0:
+        raise ValueError(f"max_objects must be >= 0, got {max_objects}")
     if image_format not in ("png", "jpg"):
         raise ValueError(f"image_format must be 'png' or 'jpg', got {image_format!r}")
     rs = np.random.RandomState(seed)

@@ -11,6 +11,7 @@ from detectron2.structures import Boxes, ImageList, Instances
 from torch import nn
 from torchvision.ops import box_convert
 
+from ..config import check_model_config
 from ..errors import ConfigError
 from .backbone import build_input_proj, multi_scale_features
 from .box_ops import inverse_sigmoid
@@ -142,6 +143,7 @@ class DeformableDETR(nn.Module):
 
     @classmethod
     def from_config(cls, cfg):
+        check_model_config(cfg)
         c = cfg.MODEL.DEFORMABLE_DETR
         backbone = build_backbone(cfg)
         n_levels = c.NUM_FEATURE_LEVELS
