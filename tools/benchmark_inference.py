@@ -406,15 +406,40 @@ def table(results, sizes, variants):
     return "\n".join(lines)
 
 
+MIN_SIDE = 64  # the coarsest level has stride 64
+
+
+def size_arg(text):
+    """argparse type of ``--size(s)``: ``HxW``, each side >= MIN_SIDE; returns the text."""
+    try:
+        h, w = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected HxW such as 800x1066, got {text!r}") from None
+    if min(h, w) < MIN_SIDE:
+        raise argparse.ArgumentTypeError(f"each side must be >= {MIN_SIDE}, got {text!r}")
+    return f"{h}x{w}"
+
+
+def positive_int(text):
+    """argparse type: an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
 def main():
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--sizes", nargs="+", default=["800x1066", "160x213"])
+    parser.add_argument("--sizes", nargs="+", type=size_arg, default=["800x1066", "160x213"])
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     parser.add_argument("--impls", nargs="+", default=list(IMPLS), choices=IMPLS)
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--repeats", type=positive_int, default=3)
+    parser.add_argument("--threads", type=positive_int, default=2)
     parser.add_argument(
         "--workdir", default=None, help="folder for weights and exports (default: a temp dir)"
     )

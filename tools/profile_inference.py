@@ -24,7 +24,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmark_inference import VARIANTS, our_cfg  # noqa: E402  (tools/, this script's folder)
+from benchmark_inference import VARIANTS, our_cfg, positive_int, size_arg  # noqa: E402  (tools/, this script's folder)
 
 import ddetr_d2  # noqa: F401, E402  (registers the config keys and the meta-architecture)
 from ddetr_d2.allocator import retain_freed_memory  # noqa: E402
@@ -44,9 +44,9 @@ def median_time(fn, repeats):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--size", default="800x1066")
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--size", type=size_arg, default="800x1066")
+    p.add_argument("--threads", type=positive_int, default=2)
+    p.add_argument("--repeats", type=positive_int, default=3)
     p.add_argument("--variant", choices=list(VARIANTS), default="plain")
     p.add_argument("--no-profile", action="store_true")
     p.add_argument("--no-table", action="store_true", help="skip the layout table (profile only)")
