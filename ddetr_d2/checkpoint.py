@@ -199,6 +199,59 @@ def _training_only(key):
     return key.startswith(TRAINING_ONLY_PREFIXES)
 
 
+# Other codebases' layouts that tools/convert_weights.py converts: (--from, what, output suffix, key test).
+_UNCONVERTED = (
+    (
+        "official",
+        "an official Deformable-DETR checkpoint",
+        ".pth",
+        lambda k: k.startswith("backbone.0.body."),
+    ),
+    (
+        "hf",
+        "a Hugging Face DeformableDetrForObjectDetection state dict",
+        ".pth",
+        lambda k: k.startswith(("model.backbone.", "model.encoder.", "model.decoder.")),
+    ),
+    (
+        "torchvision",
+        "a torchvision ResNet (an ImageNet backbone, no detector)",
+        ".pkl",
+        lambda k: k.startswith("layer1.") or k == "conv1.weight",
+    ),
+)
+_HF_FILES = ("model.safetensors", "pytorch_model.bin")
+
+
+def _convert_hint(weights, source, what, suffix):
+    out = os.path.splitext(os.path.basename(weights.rstrip("/")))[0] + f"_ddetr_d2{suffix}"
+    run = f"{weights} is {what}, not converted: run tools/convert_weights.py --from {source} {weights} {out}"
+    if source == "torchvision":
+        return f"{run} and train from it (MODEL.WEIGHTS {out}); inference needs trained detector weights"
+    return f"{run} (add --coco-91-to-80 for a 91-class COCO model) and set MODEL.WEIGHTS to {out}"
+
+
+def _unconverted(weights, keys):
+    """The conversion hint when the checkpoint's keys are another codebase's names, else None."""
+    keys = list(keys)
+    for source, what, suffix, test in _UNCONVERTED:
+        if any(test(k) for k in keys):
+            return _convert_hint(weights, source, what, suffix)
+    return None
+
+
+def _looks_like_safetensors(path):
+    """A .safetensors file: 8-byte little-endian header size, then the JSON header."""
+    if path.endswith(".safetensors"):
+        return True
+    try:
+        with open(path, "rb") as f:
+            head = f.read(9)
+    except OSError:
+        return False
+    return len(head) == 9 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") < os.path.getsize(path)
+
+
 def load_weights_checked(model, weights, allow_mismatch=False):
     """
     Load inference weights ``weights`` into ``model`` and check that they fit it.
@@ -213,6 +266,12 @@ def load_weights_checked(model, weights, allow_mismatch=False):
         logger.warning("MODEL.WEIGHTS is empty: the model keeps its random initialisation")
         return None
     if "://" not in weights and os.path.isdir(weights):
+        hf = [n for n in _HF_FILES if os.path.isfile(os.path.join(weights, n))]
+        if hf:
+            raise WeightsError(
+                f"MODEL.WEIGHTS {weights} is a directory: "
+                + _convert_hint(weights, "hf", f"a Hugging Face save_pretrained folder ({hf[0]})", ".pth")
+            )
         raise WeightsError(f"MODEL.WEIGHTS {weights} is a directory: give a file (e.g. its model_final.pth)")
     if "://" not in weights and not os.path.isfile(weights):
         raise WeightsError(f"weights file not found: {weights} (set MODEL.WEIGHTS)")
@@ -226,6 +285,9 @@ def load_weights_checked(model, weights, allow_mismatch=False):
                 "file where there is one and set MODEL.WEIGHTS to the local copy)"
             ) from e
         size = os.path.getsize(weights) if os.path.isfile(weights) else "?"
+        if _looks_like_safetensors(weights):
+            hint = _convert_hint(weights, "hf", "a safetensors file (Hugging Face)", ".pth")
+            raise WeightsError(f"cannot load weights {weights} ({size} bytes) as a checkpoint: {hint}") from e
         raise WeightsError(
             f"cannot load weights {weights} ({size} bytes): {type(e).__name__}: {e} "
             "(truncated or not a checkpoint?)"
@@ -248,7 +310,12 @@ def load_weights_checked(model, weights, allow_mismatch=False):
         problems.append("unexpected in checkpoint: " + _format_keys(unexpected))
     if problems:
         msg = f"weights {weights} do not match the config's model; " + "; ".join(problems)
-        if not allow_mismatch:
+        hint = _unconverted(weights, inc.unexpected_keys)
+        if hint:  # --allow-mismatch would run with a random backbone / transformer: say how to convert
+            msg = f"{hint} (its keys do not match the config's model; " + "; ".join(problems) + ")"
+            if not allow_mismatch:
+                raise WeightsError(msg)
+        elif not allow_mismatch:
             raise WeightsError(msg + " (check --config-file / MODEL.* options, or pass --allow-mismatch)")
         logger.warning(msg)
     return inc

@@ -26,6 +26,7 @@ name the offending file or keys.
 import os
 import pickle
 import re
+import tempfile
 from collections import OrderedDict
 from typing import Dict, Iterable, List, Mapping, Sequence
 
@@ -75,6 +76,45 @@ def _fmt_keys(keys: Iterable[str], limit: int = 12) -> str:
     shown = ", ".join(keys[:limit])
     more = f", ... ({len(keys) - limit} more)" if len(keys) > limit else ""
     return f"[{shown}{more}]"
+
+
+def _backbone_prefix(prefix: str) -> str:
+    """``--backbone-prefix`` as a module path ending in '.': 'backbone' -> 'backbone.' ('' stays '')."""
+    if prefix and not prefix.endswith("."):
+        prefix += "."
+    if prefix and not re.fullmatch(r"(\w+\.)+", prefix):
+        raise ConversionError(
+            f"backbone prefix {prefix!r} is not a module path such as 'backbone.' or 'backbone.bottom_up.'"
+        )
+    return prefix
+
+
+# A Detectron2 ResNet key, with or without a prefix: the file is in ddetr-d2's own layout.
+_OURS_KEY = re.compile(r"(^|\.)(stem\.conv1\.weight|res[2-5]\.\d+\.conv1\.weight)$")
+_NO_CONVERSION_NEEDED = "no conversion is needed: use the file as MODEL.WEIGHTS"
+
+
+def _ours_key(sd) -> str | None:
+    """A key showing that ``sd`` is already in ddetr-d2's (Detectron2's) names, or None."""
+    if not isinstance(sd, Mapping):
+        return None
+    return next((k for k in sd if isinstance(k, str) and _OURS_KEY.search(k)), None)
+
+
+def _layout_hint(sd, source: str) -> str:
+    """'; <what to do>' for the layout ``sd`` seems to be in when it is not ``source``'s ('' if unknown)."""
+    keys = [k for k in sd if isinstance(k, str)] if isinstance(sd, Mapping) else []
+    ours = _ours_key(sd)
+    if ours is not None:
+        return f"; {ours} is already a ddetr-d2 / Detectron2 name: {_NO_CONVERSION_NEEDED}"
+    if source != "hf" and any(k.startswith("model.") for k in keys):
+        return "; a Hugging Face state dict? use --from hf"
+    official = (OFFICIAL_BACKBONE_PREFIX, "module." + OFFICIAL_BACKBONE_PREFIX)
+    if source != "official" and any(k.startswith(official) for k in keys):
+        return "; an official Deformable-DETR checkpoint? use --from official"
+    if source != "torchvision" and "conv1.weight" in keys and any(k.startswith("layer1.") for k in keys):
+        return "; a torchvision ResNet? use --from torchvision"
+    return ""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -169,8 +209,7 @@ def convert_torchvision_resnet(sd: Mapping[str, torch.Tensor]) -> "OrderedDict[s
     if unknown:
         raise ConversionError(
             f"{len(unknown)} keys are not torchvision ResNet keys: {_fmt_keys(unknown)} "
-            "(expected conv1.*, bn1.*, layer1-4.*, fc.*; is this a full detector checkpoint? "
-            "use --from official or --from hf)"
+            f"(expected conv1.*, bn1.*, layer1-4.*, fc.*{_layout_hint(sd, 'torchvision')})"
         )
     if "stem.conv1.weight" not in out:
         raise ConversionError("no 'conv1.weight' (the ResNet stem) in the state dict")
@@ -280,7 +319,7 @@ def hf_to_official_state_dict(hf_sd: Mapping[str, torch.Tensor]) -> "OrderedDict
     if not any(k.startswith("model.") for k in hf_sd):
         raise ConversionError(
             "not a Hugging Face DeformableDetrForObjectDetection state dict: no 'model.*' key "
-            f"(first keys: {_fmt_keys(list(hf_sd)[:5])}; official checkpoint? use --from official)"
+            f"(first keys: {_fmt_keys(list(hf_sd)[:5])}{_layout_hint(hf_sd, 'hf')})"
         )
     out, unknown = OrderedDict(), []
     qkv: Dict[str, Dict[str, torch.Tensor]] = {}
@@ -439,6 +478,7 @@ def convert_official_state_dict(
         sd = sd["model"]
     if not isinstance(sd, Mapping):
         raise ConversionError(f"expected a state dict, got {type(sd).__name__}")
+    backbone_prefix = _backbone_prefix(backbone_prefix)
     if any(k.startswith("module.") for k in sd):
         sd = OrderedDict((k[len("module.") :] if k.startswith("module.") else k, v) for k, v in sd.items())
     if any(k.startswith("model.") for k in sd):
@@ -457,11 +497,10 @@ def convert_official_state_dict(
         else:
             unknown.append(k)
     if unknown:
-        hint = " A torchvision ResNet? use --from torchvision." if "conv1.weight" in unknown else ""
         raise ConversionError(
             f"{len(unknown)} keys are not official Deformable-DETR keys: {_fmt_keys(unknown)} "
             f"(expected {OFFICIAL_BACKBONE_PREFIX}*, transformer.*, input_proj.*, query_embed.*, "
-            f"class_embed.*, bbox_embed.*).{hint}"
+            f"class_embed.*, bbox_embed.*{_layout_hint(sd, 'official')})"
         )
     if not backbone:
         raise ConversionError(f"no backbone keys ('{OFFICIAL_BACKBONE_PREFIX}*') in the state dict")
@@ -495,6 +534,7 @@ def to_official_state_dict(
     sd: Mapping[str, torch.Tensor], backbone_prefix: str = BACKBONE_PREFIX
 ) -> "OrderedDict[str, torch.Tensor]":
     """ddetr-d2 state dict -> official names (the inverse of ``convert_official_state_dict``)."""
+    backbone_prefix = _backbone_prefix(backbone_prefix)
     out, unknown = OrderedDict(), []
     for k, v in sd.items():
         if k.startswith(backbone_prefix) and not k.startswith(("transformer.", "input_proj.")):
@@ -550,9 +590,27 @@ def _torch_load(path):
     try:
         return torch.load(path, map_location="cpu")
     except Exception as e:  # noqa: BLE001  (name the file in every failure)
-        raise ConversionError(
-            f"cannot read '{path}' as a torch checkpoint: {type(e).__name__}: {e}"
-        ) from None
+        reason = f"{type(e).__name__}: {e}"
+    if path.endswith(".pkl"):  # a Detectron2 pickle (e.g. this tool's .pkl output): read as Detectron2 does
+        obj = _detectron2_pickle(path)
+        if obj is not None:
+            return obj
+    raise ConversionError(f"cannot read '{path}' as a torch checkpoint: {reason}")
+
+
+def _detectron2_pickle(path):
+    """A Detectron2 ``.pkl`` checkpoint (numpy arrays under "model") with tensors instead; None if not one."""
+    import numpy as np
+
+    try:
+        with open(path, "rb") as f:
+            obj = pickle.load(f, encoding="latin1")
+    except Exception:  # noqa: BLE001  (not a pickle either: the caller reports the torch.load error)
+        return None
+    if not isinstance(obj, dict) or not isinstance(obj.get("model"), dict):
+        return None
+    model = {k: torch.as_tensor(v) if isinstance(v, np.ndarray) else v for k, v in obj["model"].items()}
+    return {**obj, "model": model}
 
 
 def _load_safetensors(path):
@@ -562,7 +620,14 @@ def _load_safetensors(path):
         raise ConversionError(
             f"'{path}' is a .safetensors file but the safetensors package is not installed"
         ) from None
-    return load_file(path, device="cpu")
+    try:
+        return load_file(path, device="cpu")
+    except Exception as e:  # noqa: BLE001  (empty, truncated, corrupt: name the file and the reason)
+        size = os.path.getsize(path) if os.path.isfile(path) else "?"
+        raise ConversionError(
+            f"cannot read '{path}' ({size} bytes) as a safetensors file: {type(e).__name__}: {e} "
+            "(truncated or not a safetensors file?)"
+        ) from None
 
 
 def _unwrap(obj, path, keys=("model", "state_dict")):
@@ -594,9 +659,18 @@ def load_hf(path):
                 path = f
                 break
         else:
+            ours = [
+                n for n in ("model_final.pth", "last_checkpoint") if os.path.isfile(os.path.join(path, n))
+            ]
+            hint = (
+                f"; {ours[0]} there looks like a ddetr-d2 training output: its checkpoints need no "
+                "conversion, use one as MODEL.WEIGHTS"
+                if ours
+                else ""
+            )
             raise ConversionError(
                 f"'{path}' is a folder without model.safetensors or pytorch_model.bin "
-                "(sharded checkpoints are not supported; pass a single weights file)"
+                f"(sharded checkpoints are not supported; pass a single weights file){hint}"
             )
     if path.endswith(".safetensors"):
         return _load_safetensors(path)
@@ -609,22 +683,56 @@ def build_model_state(config_file, opts=()):
 
     from .config import build_cfg
 
-    return build_model(build_cfg(config_file, list(opts) + ["MODEL.DEVICE", "cpu"])).state_dict()
+    opts = list(opts)
+    _check_opts(config_file, opts)
+    return build_model(build_cfg(config_file, opts + ["MODEL.DEVICE", "cpu"])).state_dict()
+
+
+def _check_opts(config_file, opts):
+    """``opts`` (what the user typed) configure the model of ``config_file``: no file, no options."""
+    if opts and not config_file:
+        raise ConversionError(
+            f"--opts {' '.join(map(str, opts))} given without --config-file: the options only configure "
+            "the model that --config-file builds to check the weights against; add --config-file or drop "
+            "--opts"
+        )
+    if len(opts) % 2:
+        raise ConversionError(f"--opts needs KEY VALUE pairs, got an odd number of items: {list(opts)}")
 
 
 def _check_output(output, suffixes, what="a checkpoint"):
+    """Before anything is read: ``output`` can be written (a file name with the right suffix, in an
+    existing folder where a file can be created)."""
     folder = os.path.dirname(os.path.abspath(output))
+    if os.path.isdir(output):
+        raise ConversionError(
+            f"output '{output}' is a directory: give a file name ending with {' or '.join(suffixes)}"
+        )
+    if os.path.exists(output) and not os.path.isfile(output):
+        raise ConversionError(f"output '{output}' exists and is not a regular file")
     if not os.path.isdir(folder):
-        raise ConversionError(f"output folder '{folder}' does not exist (for output '{output}')")
+        what_is = "is not a folder" if os.path.exists(folder) else "does not exist"
+        raise ConversionError(f"output folder '{folder}' {what_is} (for output '{output}')")
     if not output.endswith(suffixes):
         raise ConversionError(f"output '{output}' must end with {' or '.join(suffixes)} ({what})")
+    try:  # a test-create where the atomic write puts its temporary file, removed at once
+        fd, probe = tempfile.mkstemp(prefix=f".{os.path.basename(output)}.", suffix=".check", dir=folder)
+    except OSError as e:
+        raise ConversionError(
+            f"cannot write output '{output}': cannot create a file in folder '{folder}' ({e.strerror or e})"
+        ) from None
+    os.close(fd)
+    os.remove(probe)
 
 
 def _atomic_dump(output, write_fn):
     from .checkpoint import atomic_write
 
     _check_output(output, (".pth", ".pkl"))
-    atomic_write(output, write_fn, "wb")
+    try:
+        atomic_write(output, write_fn, "wb")
+    except OSError as e:  # disk full, quota, ...: the temporary file is gone, an earlier output stays
+        raise ConversionError(f"cannot write output '{output}': {type(e).__name__}: {e}") from None
 
 
 _BACKBONE_FORMAT = "Detectron2 backbone weights format"
@@ -652,6 +760,17 @@ def save_backbone(sd, output):
     _atomic_dump(output, lambda f: pickle.dump(ckpt, f))
 
 
+def _not_ours(sd, path):
+    """``sd``, unless it is already in ddetr-d2's layout (a model_final.pth, this tool's output)."""
+    key = _ours_key(sd)
+    if key is not None:
+        raise ConversionError(
+            f"'{path}' is already in ddetr-d2's layout (Detectron2 names such as {key}): "
+            + _NO_CONVERSION_NEEDED
+        )
+    return sd
+
+
 def convert_checkpoint(
     source, input_path, output, coco_91_to_80_classes=False, backbone_prefix=BACKBONE_PREFIX,
     config_file="", opts=(),
@@ -664,11 +783,15 @@ def convert_checkpoint(
     """
     if source not in ("hf", "official", "torchvision"):
         raise ConversionError(f"unknown source {source!r}: expected hf, official or torchvision")
+    opts = list(opts)
+    _check_opts(config_file, opts)
+    backbone_prefix = _backbone_prefix(backbone_prefix)
     if not os.path.exists(input_path):
         raise ConversionError(f"input '{input_path}' does not exist")
     if source == "torchvision":
         _check_output(output, (".pkl",), _BACKBONE_FORMAT)
-        sd = convert_torchvision_resnet(load_state_dict_file(input_path))
+        sd = _not_ours(load_state_dict_file(input_path), input_path)
+        sd = convert_torchvision_resnet(sd)
         if config_file:
             expected = build_model_state(config_file, opts)
             n = len(backbone_prefix)
@@ -678,11 +801,13 @@ def convert_checkpoint(
     _check_output(output, (".pth", ".pkl"))
     if source == "hf":
         sd = convert_hf_state_dict(
-            load_hf(input_path), backbone_prefix=backbone_prefix, coco_91_to_80_classes=coco_91_to_80_classes
+            _not_ours(load_hf(input_path), input_path),
+            backbone_prefix=backbone_prefix,
+            coco_91_to_80_classes=coco_91_to_80_classes,
         )
     else:
         sd = convert_official_state_dict(
-            load_state_dict_file(input_path),
+            _not_ours(load_state_dict_file(input_path), input_path),
             backbone_prefix=backbone_prefix,
             coco_91_to_80_classes=coco_91_to_80_classes,
         )

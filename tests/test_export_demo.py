@@ -139,8 +139,12 @@ def test_onnx_model_implies_onnxruntime_and_export_takes_allow_mismatch(tmp_path
     image = tmp_path / "in.png"
     cv2.imwrite(str(image), np.zeros((40, 50, 3), dtype=np.uint8))
     demo = ["--config-file", CONFIG, "--input", str(image), "--output", str(tmp_path / "o.png")]
-    code, err = _cli(_run_demo, demo + ["--onnx-model", str(tmp_path / "nope" / "model.onnx")], capsys)
-    assert code == 2 and "export_meta.json not found" in err
+    missing = str(tmp_path / "nope" / "model.onnx")
+    code, err = _cli(_run_demo, demo + ["--onnx-model", missing], capsys)
+    assert code == 2 and f"{missing} not found" in err and "export_meta.json" not in err
+    (tmp_path / "model.onnx").write_bytes(b"")  # a model file without its export_meta.json: both named
+    code, err = _cli(_run_demo, demo + ["--onnx-model", str(tmp_path / "model.onnx")], capsys)
+    assert code == 2 and f"export_meta.json not found beside {tmp_path / 'model.onnx'}" in err
 
     cfg = tiny_cfg(NUM_CLASSES=5)
     torch.save({"model": build_model(cfg).state_dict()}, tmp_path / "five.pth")

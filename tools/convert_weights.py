@@ -40,7 +40,9 @@ def get_parser():
         help="keep the 80 COCO classes of a 91-way classifier (official/HF COCO models), contiguous order",
     )
     p.add_argument(
-        "--backbone-prefix", default=BACKBONE_PREFIX, help="module path of the D2 ResNet in our model"
+        "--backbone-prefix",
+        default=BACKBONE_PREFIX,
+        help="module path of the D2 ResNet in our model (a missing trailing '.' is added)",
     )
     p.add_argument(
         "--config-file", default="", help="check the converted keys and shapes against this config's model"
@@ -50,7 +52,7 @@ def get_parser():
         nargs="+",
         default=[],
         metavar="KEY VALUE",
-        help="config overrides for --config-file (last option: KEY VALUE pairs)",
+        help="config overrides for --config-file, which they need (last option: KEY VALUE pairs)",
     )
     return p
 
@@ -67,6 +69,12 @@ def main(argv=None):
         opts=args.opts,
     )
     print(f"wrote {n} tensors to {args.output}")
+    if not args.config_file:
+        print(
+            "warning: no --config-file: only the names were converted, the keys and shapes were not checked "
+            "against a model; pass the config you will use the weights with to check them",
+            file=sys.stderr,
+        )
     return 0
 
 

@@ -170,10 +170,14 @@ def export_detector(
 
 def read_export_meta(model_path):
     """The ``export_meta.json`` written beside ``model_path`` (a model file or its directory)."""
+    if not os.path.exists(model_path):
+        raise ExportError(f"{model_path} not found: export the model with tools/export_model.py")
     folder = model_path if os.path.isdir(model_path) else os.path.dirname(os.path.abspath(model_path))
     meta_path = os.path.join(folder, META_FILE)
     if not os.path.isfile(meta_path):
-        raise ExportError(f"{meta_path} not found: export the model with tools/export_model.py")
+        raise ExportError(
+            f"{meta_path} not found beside {model_path}: export the model with tools/export_model.py"
+        )
     try:
         with open(meta_path) as f:
             meta = json.load(f)
