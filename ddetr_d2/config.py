@@ -20,6 +20,8 @@ def build_cfg(config_file=None, opts=(), add_config_fns=(), freeze=True):
     config does not have.
     """
     opts = list(opts or ())
+    if config_file and os.path.isdir(config_file):
+        raise ConfigError(f"config file {config_file} is a folder: give a .yaml file in it")
     if config_file and not os.path.isfile(config_file):
         raise ConfigError(f"config file not found: {config_file}")
     if len(opts) % 2:

@@ -90,6 +90,11 @@ def test_config_files_without_settings_are_named(text, message, tmp_path):
     assert str(path) in str(e.value) and message in str(e.value), str(e.value)
 
 
+def test_a_config_folder_is_named():
+    with pytest.raises(ConfigError, match=r"^config file .*configs is a folder: give a \.yaml file in it$"):
+        build_cfg(os.path.join(REPO, "configs"))
+
+
 def test_a_bad_option_names_the_key_not_the_whole_list():
     opts = ["SOLVER.MAX_ITER", "3"] * 20 + ["MODEL.NO_SUCH_KEY", "1"]
     with pytest.raises(ConfigError) as e:
