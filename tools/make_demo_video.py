@@ -11,12 +11,14 @@ the frames are a window sliding diagonally across it, written by the demo's ``Vi
 # first: sets the OpenMP wait policy before torch loads
 import ddetr_d2  # noqa: F401, I001
 import argparse
+import math
 import sys
 
 import cv2
 import numpy as np
 
 from ddetr_d2.data.synthetic import render_image
+from ddetr_d2.demo.cli import run_cli
 from ddetr_d2.demo.io import VideoSink
 
 PAN_SCALE = 1.6  # the panned image is this many times the frame size
@@ -35,18 +37,27 @@ def render_video(path, num_frames=48, width=224, height=160, fps=12.0, seed=0, m
     return sink.path
 
 
-def main(argv=None):
+def _run(argv):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("output", help="output .mp4 path")
+    p.add_argument(
+        "output",
+        help="output .mp4 path (without an MP4 writer in OpenCV: <stem>.avi; the path written is printed)",
+    )
     p.add_argument("--frames", type=int, default=48)
     p.add_argument("--size", type=int, nargs=2, default=(224, 160), metavar=("W", "H"))
-    p.add_argument("--fps", type=float, default=12.0)
+    p.add_argument("--fps", type=float, default=12.0, help="frames per second (> 0)")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     if args.frames < 1 or min(args.size) < 32:
         p.error("--frames must be >= 1 and --size at least 32x32")
+    if not (math.isfinite(args.fps) and args.fps > 0):
+        p.error(f"--fps must be > 0, got {args.fps}")
     print(render_video(args.output, args.frames, args.size[0], args.size[1], args.fps, args.seed))
-    return 0
+
+
+def main(argv=None):
+    """Exit code 0, or 2 with one line ``make_demo_video.py: error: ...`` for an unwritable output."""
+    return run_cli(_run, argv, "make_demo_video.py")
 
 
 if __name__ == "__main__":

@@ -26,9 +26,11 @@ W="MODEL.WEIGHTS $OUT/model_final.pth MODEL.DEVICE cpu"
     --confidence-threshold 0.3 --opts $W
 
 echo "== [4/4] demo on a short synthetic video"
-"$PY" tools/make_demo_video.py "$OUT/demo/synthetic_clip.mp4"
+# the path it prints is the file written (.avi where OpenCV has no MP4 writer)
+CLIP=$("$PY" tools/make_demo_video.py "$OUT/demo/synthetic_clip.mp4")
+CLIP=$(printf '%s\n' "$CLIP" | tail -n 1)
 # shellcheck disable=SC2086
-"$PY" tools/demo.py --config-file "$CFG" --video "$OUT/demo/synthetic_clip.mp4" \
+"$PY" tools/demo.py --config-file "$CFG" --video "$CLIP" \
     --output "$OUT/demo/synthetic_clip_detections.mp4" --confidence-threshold 0.3 --opts $W
 
 cat <<MSG
@@ -39,5 +41,5 @@ Quickstart done. Outputs:
   loss curve:             $OUT/loss_curve.png
   demo image:             $OUT/demo/$(basename "$IMG")
   sampling points:        $OUT/demo/sampling_grid.png
-  demo video:             $OUT/demo/synthetic_clip_detections.mp4 (input: $OUT/demo/synthetic_clip.mp4)
+  demo video:             $OUT/demo/synthetic_clip_detections.mp4 (.avi without an MP4 writer; input: $CLIP)
 MSG

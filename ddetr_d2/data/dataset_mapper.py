@@ -20,6 +20,8 @@ from detectron2.config import CfgNode
 from detectron2.data import detection_utils as utils
 from detectron2.data import transforms as T
 
+from .image_io import read_image
+
 __all__ = ["DetrDatasetMapper", "add_dataset_mapper_config", "build_detr_augmentations"]
 
 logger = logging.getLogger(__name__)
@@ -112,7 +114,7 @@ class DetrDatasetMapper:
     def _read_image(self, dataset_dict: dict) -> np.ndarray:
         file_name = dataset_dict.get("file_name")
         try:
-            image = utils.read_image(file_name, format=self.image_format)
+            image = read_image(file_name, format=self.image_format)  # 16-bit images scaled to 8 bits
         except Exception as e:
             raise OSError(f"Cannot read image '{file_name}': {type(e).__name__}: {e}") from e
         try:

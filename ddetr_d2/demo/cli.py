@@ -21,9 +21,13 @@ from .io import (
     DemoError,
     expand_inputs,
     has_display,
+    missing_dirs,
     open_video,
+    plan_image_outputs,
+    prepare_output_dir,
     process_video,
     read_image_bgr,
+    remove_empty_dirs,
     resolve_image_output,
     resolve_video_output,
 )
@@ -125,24 +129,51 @@ def check_threshold(value):
         raise DemoError(f"--confidence-threshold must be in [0, 1], got {value}")
 
 
-def _run_images(demo, args):
+def _check_images(args):
+    """
+    The (input file, output file or None) pairs of ``--input``, checked without creating anything:
+    the output paths (distinct: ``io.image_output_names``), then every input decoded once, so an
+    unreadable image is reported before any output is written.
+    """
     files = expand_inputs(args.input)
-    outputs = []
+    outputs = plan_image_outputs(args.output, files) if args.output else [None] * len(files)
+    start = time.perf_counter()
     for path in files:
-        image = read_image_bgr(path)
-        start = time.perf_counter()
-        instances, vis, _ = demo.run_on_image(image)
-        logger.info("%s: %d detections in %.2fs", path, len(instances), time.perf_counter() - start)
-        if args.output:
-            out_path = resolve_image_output(args.output, path, len(files))
-            if not cv2.imwrite(out_path, vis):
-                raise DemoError(f"cannot write {out_path} (unsupported extension or unwritable location)")
-            outputs.append(out_path)
-        else:
-            cv2.namedWindow(WINDOW_NAME, cv2.WINDOW_NORMAL)
-            cv2.imshow(WINDOW_NAME, vis)
-            if cv2.waitKey(0) == 27:  # Esc quits
-                break
+        read_image_bgr(path)
+    logger.info("read %d input image(s) in %.2fs", len(files), time.perf_counter() - start)
+    return list(zip(files, outputs))
+
+
+def _run_images(demo, args, jobs=None):
+    """Run the (input, output) pairs of :func:`_check_images`; returns the files written."""
+    jobs = _check_images(args) if jobs is None else jobs
+    out_dirs = {os.path.dirname(os.path.abspath(out)) for _, out in jobs if out}
+    new_dirs = sorted({d for out_dir in out_dirs for d in missing_dirs(out_dir)}, key=len)
+    outputs = []
+    try:
+        for path, out_path in jobs:
+            image = read_image_bgr(path)
+            start = time.perf_counter()
+            instances, vis, _ = demo.run_on_image(image)
+            logger.info("%s: %d detections in %.2fs", path, len(instances), time.perf_counter() - start)
+            if out_path:
+                prepare_output_dir(os.path.dirname(os.path.abspath(out_path)))
+                if not cv2.imwrite(out_path, vis):
+                    raise DemoError(f"cannot write {out_path} (unsupported extension or unwritable location)")
+                outputs.append(out_path)
+            else:
+                cv2.namedWindow(WINDOW_NAME, cv2.WINDOW_NORMAL)
+                cv2.imshow(WINDOW_NAME, vis)
+                if cv2.waitKey(0) == 27:  # Esc quits
+                    break
+    except DemoError as e:
+        remove_empty_dirs(new_dirs)
+        if outputs:
+            raise DemoError(f"{e} ({len(outputs)} image(s) already written to {args.output})") from e
+        raise
+    except BaseException:
+        remove_empty_dirs(new_dirs)
+        raise
     if outputs:
         logger.info("wrote %d image(s) to %s", len(outputs), args.output)
     return outputs
@@ -151,14 +182,24 @@ def _run_images(demo, args):
 def _run_video(demo, args):
     """A video file, or with --webcam camera 0 (shown where there is a display, recorded with --output)."""
     source = 0 if args.webcam else args.video
-    out_path = resolve_video_output(args.output, args.video) if args.output else None
+    out_path, new_dirs = None, []
+    if args.output:
+        new_dirs = missing_dirs(os.path.dirname(resolve_video_output(args.output, args.video, create=False)))
+        out_path = resolve_video_output(args.output, args.video)
     show = has_display() if args.webcam else out_path is None
-    sink = process_video(source, demo.run_on_video, out_path, show=show)
+    try:
+        sink = process_video(source, demo.run_on_video, out_path, show=show)  # removes a failed output file
+    except BaseException:
+        remove_empty_dirs(new_dirs)  # no new folder left behind by a failed run
+        raise
     return [sink.path] if sink is not None else []
 
 
 def _check_inputs_and_outputs(args):
-    """Fail on bad inputs and output paths before the model is built; creates nothing."""
+    """
+    Fail on bad inputs and output paths before the model is built; creates nothing. Returns the
+    (input, output) pairs of ``--input`` (:func:`_check_images`), else None.
+    """
     modes = sum(bool(x) for x in (args.input, args.video, args.webcam))
     if modes != 1:
         raise DemoError("give exactly one of --input, --video (--video-input) or --webcam")
@@ -167,10 +208,7 @@ def _check_inputs_and_outputs(args):
         raise DemoError(f"config file not found: {args.config_file}")
     if args.backend == "pytorch" and args.onnx_model:
         raise DemoError("--onnx-model runs with --backend onnxruntime, not --backend pytorch")
-    if args.input:
-        files = expand_inputs(args.input)
-        if args.output:
-            resolve_image_output(args.output, files[0], len(files), create=False)
+    jobs = _check_images(args) if args.input else None
     if args.webcam:
         open_video(0).release()
         if args.output is None and not has_display():
@@ -182,12 +220,13 @@ def _check_inputs_and_outputs(args):
             resolve_video_output(args.output, args.video, create=False)
     elif not has_display():
         raise DemoError("no display to show results on (headless machine); pass --output to write files")
+    return jobs
 
 
 def _run_demo(argv, parser_kwargs=None):
     args = get_demo_parser(**(parser_kwargs or {})).parse_args(argv)
     setup_demo_logging()
-    _check_inputs_and_outputs(args)
+    jobs = _check_inputs_and_outputs(args)
     cfg = build_cfg(args.config_file, args.opts)
 
     from .predictor import VisualizationDemo
@@ -197,7 +236,7 @@ def _run_demo(argv, parser_kwargs=None):
         from ddetr_d2.export.onnx_predictor import onnx_visualization_demo
 
         demo = onnx_visualization_demo(cfg, args.onnx_model, args.confidence_threshold, args.show_sampling)
-        return _run_images(demo, args) if args.input else _run_video(demo, args)
+        return _run_images(demo, args, jobs) if args.input else _run_video(demo, args)
     demo = VisualizationDemo(  # builds the model and loads MODEL.WEIGHTS (checked) before any output
         cfg,
         confidence_threshold=args.confidence_threshold,
@@ -205,7 +244,7 @@ def _run_demo(argv, parser_kwargs=None):
         allow_mismatch=args.allow_mismatch,
     )
     if args.input:
-        return _run_images(demo, args)
+        return _run_images(demo, args, jobs)
     return _run_video(demo, args)
 
 
@@ -221,6 +260,16 @@ def demo_main(argv=None, **parser_kwargs):
 # tools/visualize_sampling.py
 
 
+def _non_negative_int(text):
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid int value: {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
 def get_visualize_sampling_parser():
     parser = argparse.ArgumentParser(
         description="Grid of the last decoder layer's sampling points for the top detections of one image: "
@@ -233,7 +282,13 @@ def get_visualize_sampling_parser():
         "--per", choices=["head", "level"], default="head", help="one panel per head or level"
     )
     parser.add_argument("--confidence-threshold", type=float, default=0.5)
-    parser.add_argument("--max-detections", type=int, default=5, help="draw the top-K scoring detections")
+    parser.add_argument(
+        "--max-detections",
+        type=_non_negative_int,
+        default=5,
+        metavar="K",
+        help="draw the top-K scoring detections (K >= 0)",
+    )
     parser.add_argument("--allow-mismatch", action="store_true")
     parser.add_argument("--opts", default=[], nargs=argparse.REMAINDER, help="config overrides KEY VALUE ...")
     return parser
@@ -278,7 +333,13 @@ def _run_visualize_sampling(argv):
     args = get_visualize_sampling_parser().parse_args(argv)
     setup_demo_logging()
     check_threshold(args.confidence_threshold)
-    (path,) = expand_inputs([args.image])
+    files = expand_inputs([args.image])
+    if len(files) != 1:
+        raise DemoError(
+            f"{args.image} matches {len(files)} image files ({files[0]}, ...); "
+            "visualize_sampling takes one image"
+        )
+    path = files[0]
     if os.path.splitext(args.output)[1].lower() != ".png":
         raise DemoError(f"--output must be a .png file, got {args.output}")
     resolve_image_output(args.output, path, 1, create=False)
@@ -294,12 +355,16 @@ def _run_visualize_sampling(argv):
         allow_mismatch=args.allow_mismatch,
     )
     grid, instances, _ = sampling_grid(demo, image, per=args.per, max_detections=args.max_detections)
-    out_path = resolve_image_output(args.output, path, 1)
-    if len(instances) == 0:
+    if args.max_detections == 0:
+        logger.warning("--max-detections 0: the panels show no detections and no sampling points")
+    elif len(instances) == 0:
         logger.warning(
             "no detection scored >= %.2f; the panels show no sampling points", args.confidence_threshold
         )
+    new_dirs = missing_dirs(os.path.dirname(os.path.abspath(args.output)))
+    out_path = resolve_image_output(args.output, path, 1)
     if not cv2.imwrite(out_path, grid):
+        remove_empty_dirs(new_dirs)
         raise DemoError(f"cannot write {out_path}")
     logger.info("wrote %s (%d detections, one panel per %s)", out_path, len(instances), args.per)
     return out_path

@@ -5,6 +5,9 @@ Every failure a user can cause (missing file, unreadable video, unwritable outpu
 Output paths are resolved twice: first with ``create=False`` (checks only, before the model is
 built and its weights loaded), then with ``create=True`` once the run can start, so a run that fails
 leaves no new folder behind.
+
+Images are read by :func:`ddetr_d2.data.image_io.read_image` (Detectron2's ``read_image``, with 16-bit
+images scaled to 8 bits), the reader of the training / evaluation mapper too.
 """
 
 import glob
@@ -21,6 +24,10 @@ __all__ = [
     "DemoError",
     "expand_inputs",
     "read_image_bgr",
+    "image_output_names",
+    "plan_image_outputs",
+    "missing_dirs",
+    "remove_empty_dirs",
     "open_video",
     "video_properties",
     "iter_frames",
@@ -34,7 +41,11 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")  # written as they are
+# what a glob picks up as an image (the others are written as .png); other files are skipped
+INPUT_EXTENSIONS = IMAGE_EXTENSIONS + (".gif", ".jpe", ".jfif", ".pbm", ".pgm", ".ppm", ".pnm", ".jp2")
+# PIL formats that are still images, refused as --video (OpenCV reads them as a 1-frame "video")
+_STILL_IMAGE_FORMATS = {"JPEG", "PNG", "BMP", "TIFF", "WEBP", "PPM", "JPEG2000", "GIF", "MPO", "ICO", "TGA"}
 _GLOB_CHARS = set("*?[")
 
 
@@ -42,20 +53,32 @@ class DemoError(UserError):
     """A user-facing error of the demo tools (bad input or output); printed as one line, exit code 2."""
 
 
+def _few(paths, n=5):
+    return ", ".join(paths[:n]) + (f", ... ({len(paths)} in all)" if len(paths) > n else "")
+
+
 def expand_inputs(patterns):
     """
-    Expand ``--input`` arguments (file names or glob patterns) into a sorted list of existing files.
+    Expand ``--input`` arguments (file names or glob patterns) into a list of existing files: each
+    glob's matches sorted, in the order of ``patterns``. A glob takes only files with an image
+    extension (``INPUT_EXTENSIONS``, any case); the other files it matches are skipped with a
+    warning. A file named directly is kept whatever its extension. A file given more than once (also
+    through another path to it) is kept once, at its first place, with a warning.
 
     Raises DemoError naming the patterns that match nothing and the paths that do not exist.
     """
-    files, missing = [], []
+    files, missing, skipped = [], [], []
     for pattern in patterns:
         pattern = os.path.expanduser(pattern)
         if _GLOB_CHARS & set(pattern):
             matched = sorted(p for p in glob.glob(pattern) if os.path.isfile(p))
+            images = [p for p in matched if os.path.splitext(p)[1].lower() in INPUT_EXTENSIONS]
+            skipped.extend(p for p in matched if p not in images)
             if not matched:
                 missing.append(f"{pattern} (glob matched no file)")
-            files.extend(matched)
+            elif not images:
+                missing.append(f"{pattern} (glob matched no image file, only {_few(matched)})")
+            files.extend(images)
         elif os.path.isfile(pattern):
             files.append(pattern)
         elif os.path.isdir(pattern):
@@ -64,12 +87,32 @@ def expand_inputs(patterns):
             missing.append(f"{pattern} (no such file)")
     if missing:
         raise DemoError("input not found: " + "; ".join(missing))
-    return files
+    if skipped:
+        logger.warning(
+            "skipping %d file(s) matched by a glob without an image extension (%s): %s",
+            len(skipped),
+            " ".join(INPUT_EXTENSIONS),
+            _few(skipped),
+        )
+    unique, seen, repeated = [], set(), []
+    for path in files:
+        key = os.path.normcase(os.path.realpath(path))
+        if key in seen:
+            repeated.append(path)
+        else:
+            seen.add(key)
+            unique.append(path)
+    if repeated:
+        logger.warning("%d input(s) given more than once, processed once: %s", len(repeated), _few(repeated))
+    return unique
 
 
 def read_image_bgr(path):
-    """Read an image as an (H, W, 3) uint8 BGR array (EXIF orientation applied); DemoError if unreadable."""
-    from detectron2.data.detection_utils import read_image
+    """
+    Read an image as an (H, W, 3) uint8 BGR array (EXIF orientation applied, 16-bit images scaled to
+    8 bits: :func:`ddetr_d2.data.image_io.read_image`); DemoError naming the file if unreadable.
+    """
+    from ddetr_d2.data.image_io import read_image
 
     try:
         image = read_image(path, format="BGR")
@@ -107,11 +150,32 @@ def open_video(source):
         )
     if not is_camera:
         ok, _ = cap.read()
+        cap.release()
         if not ok:
-            cap.release()
             raise DemoError(f"video {source} has no readable frame (empty or corrupt)")
-        cap.set(cv2.CAP_PROP_POS_FRAMES, 0)
+        still = _still_image_format(source)
+        if still:
+            raise DemoError(
+                f"video {source} is a still {still} image, not a video (pass images with --input)"
+            )
+        cap = cv2.VideoCapture(source)  # reopened: seeking back to frame 0 does not work for every file
+        if not cap.isOpened():
+            cap.release()
+            raise DemoError(f"cannot reopen video {source}")
     return cap
+
+
+def _still_image_format(path):
+    """PIL's format name of ``path`` if it is a single-frame still image, else None (e.g. a video)."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as image:
+            if image.format in _STILL_IMAGE_FORMATS and getattr(image, "n_frames", 1) == 1:
+                return image.format
+    except Exception:  # not an image PIL knows: a video
+        pass
+    return None
 
 
 def video_properties(cap, default_fps=30.0):
@@ -180,6 +244,107 @@ def _check_file_writable(path, create=True):
         raise DemoError(f"output file {path} is not writable")
 
 
+def _remove_quietly(path):
+    try:
+        os.remove(path)
+    except OSError:
+        pass
+
+
+def missing_dirs(path):
+    """The folders that ``os.makedirs(path)`` would create, outermost first."""
+    missing = []
+    path = os.path.abspath(path)
+    while not os.path.exists(path):
+        missing.append(path)
+        parent = os.path.dirname(path)
+        if parent == path:
+            break
+        path = parent
+    return missing[::-1]
+
+
+def remove_empty_dirs(dirs):
+    """Remove the empty folders of ``dirs`` (:func:`missing_dirs`, created since), innermost first."""
+    for d in reversed(dirs):
+        try:
+            os.rmdir(d)
+        except OSError:  # not empty (or already gone)
+            pass
+
+
+def _is_image_file_name(output):
+    return os.path.splitext(output)[1].lower() in IMAGE_EXTENSIONS and not os.path.isdir(output)
+
+
+def image_output_names(files):
+    """
+    Output file names (relative to the output folder) of the input images ``files`` (distinct files):
+
+    - the input's base name; an extension that is not written as is (not in ``IMAGE_EXTENSIONS``,
+      e.g. ``.gif``) becomes ``.png`` (``x.gif`` -> ``x.png``);
+    - if two of those names are equal (``a/x.jpg`` and ``b/x.jpg``), every output keeps its input's path
+      relative to the inputs' common folder (``a/x.jpg``, ``b/x.jpg``);
+    - if names are still equal (``x.gif`` and ``x.png`` in one folder), the re-encoded inputs keep their
+      whole name plus ``.png`` (``x.gif.png``).
+    """
+
+    def name(rel, keep_ext):
+        stem, ext = os.path.splitext(rel)
+        if ext.lower() in IMAGE_EXTENSIONS:
+            return rel
+        return rel + ".png" if keep_ext else stem + ".png"
+
+    def collides(names):
+        return len({os.path.normcase(n) for n in names}) < len(names)
+
+    names = [name(os.path.basename(f), False) for f in files]
+    if collides(names):
+        absolute = [os.path.abspath(f) for f in files]
+        common = os.path.commonpath([os.path.dirname(a) for a in absolute])
+        rels = [os.path.relpath(a, common) for a in absolute]
+        names = [name(r, False) for r in rels]
+        if collides(names):
+            names = [name(r, True) for r in rels]
+    if collides(names):  # only when an input is itself named like another's output (x.gif, x.gif.png)
+        seen = {}
+        for f, n in zip(files, names):
+            key = os.path.normcase(n)
+            if key in seen:
+                raise DemoError(f"inputs {seen[key]} and {f} would both be written as {n}; rename one")
+            seen[key] = f
+    return names
+
+
+def plan_image_outputs(output, files):
+    """
+    The output file of each input image (a list parallel to ``files``, distinct files), checked but
+    nothing created: ``output`` is one file name with an image extension (one input only), else a
+    folder holding :func:`image_output_names`. DemoError for an output that cannot be written or that
+    is one of the inputs; a warning when a folder name has a (non-image) extension, e.g. ``out.txt``.
+    """
+    if _is_image_file_name(output):
+        paths = [resolve_image_output(output, files[0], len(files), create=False)]
+    else:
+        ext = os.path.splitext(output.rstrip("/" + os.sep))[1]
+        if ext and not os.path.isdir(output):
+            logger.warning(
+                "--output %s has no image extension (%s); writing the images into a folder of that name",
+                output,
+                " ".join(IMAGE_EXTENSIONS),
+            )
+        prepare_output_dir(output, create=False)
+        paths = [os.path.join(output, n) for n in image_output_names(files)]
+    inputs = {os.path.normcase(os.path.realpath(f)): f for f in files}
+    for path in paths:
+        if os.path.isdir(path):
+            raise DemoError(f"output file {path} is a directory")
+        same = inputs.get(os.path.normcase(os.path.realpath(path)))
+        if same is not None:
+            raise DemoError(f"output {path} would overwrite the input {same}; choose another --output folder")
+    return paths
+
+
 def resolve_image_output(output, input_path, num_inputs, create=True):
     """
     Output file of one input image. ``output`` is a directory (created if needed, unless
@@ -226,25 +391,38 @@ class VideoSink:
         self.frame_size = tuple(int(s) for s in frame_size)  # (width, height)
         self.fps = float(fps)
         self.num_frames = 0
+        self._writer = None
+        if not (math.isfinite(self.fps) and self.fps > 0):
+            raise DemoError(f"cannot write video {path}: the frame rate must be > 0, got {fps}")
+        if min(self.frame_size) < 1:
+            raise DemoError(f"cannot write video {path}: empty frame size {self.frame_size}")
+        if os.path.isdir(path):
+            raise DemoError(f"cannot write video {path}: it is a directory")
+        parent = os.path.dirname(os.path.abspath(path))
+        if not os.path.isdir(parent):
+            raise DemoError(f"cannot write video {path}: folder {parent} does not exist")
         attempts = [(path, "mp4v")]
         fallback = os.path.splitext(path)[0] + ".avi"
         if fallback != path:
             attempts.append((fallback, "MJPG"))
-        self._writer = None
         for candidate, fourcc in attempts:
+            existed = os.path.lexists(candidate)
             writer = cv2.VideoWriter(
                 candidate, cv2.VideoWriter_fourcc(*fourcc), self.fps, self.frame_size, True
             )
             if writer.isOpened():
-                if candidate != path:
+                if candidate != path:  # the user named the .mp4: say which file is written (or replaced)
                     logger.warning(
-                        "could not open an MP4 (mp4v) writer for %s; writing Motion-JPEG AVI %s instead",
+                        "could not open an MP4 (mp4v) writer for %s; writing Motion-JPEG AVI %s instead%s",
                         path,
                         candidate,
+                        " (replacing the existing file)" if existed else "",
                     )
                 self._writer, self.path, self.fourcc = writer, candidate, fourcc
                 break
             writer.release()
+            if not existed:  # a writer that failed to open may leave an empty file
+                _remove_quietly(candidate)
         if self._writer is None:
             tried = ", ".join(f"{p} ({f})" for p, f in attempts)
             raise DemoError(f"cannot open a video writer; tried {tried}")
@@ -280,7 +458,9 @@ def process_video(source, process_frames, output_path=None, show=None):
     written by a :class:`VideoSink` at the input's frame rate; with ``show`` (default: when there is
     no ``output_path``) they are shown in a window (Esc stops; Ctrl-C stops a camera).
 
-    Returns the closed VideoSink (``path``: the file actually written, ``num_frames``) or None.
+    Returns the closed VideoSink (``path``: the file actually written, ``num_frames``) or None. If the
+    run fails after the writer was opened (an error, or no frame at all), the output file is removed;
+    Esc or Ctrl-C keep the frames written so far.
     """
     from tqdm import tqdm
 
@@ -289,6 +469,7 @@ def process_video(source, process_frames, output_path=None, show=None):
     show = output_path is None if show is None else show
     cap = open_video(source)
     sink = None
+    failed = True
     try:
         width, height, fps, num_frames = video_properties(cap)
         if output_path is not None:
@@ -302,12 +483,16 @@ def process_video(source, process_frames, output_path=None, show=None):
                 cv2.imshow(window, vis)
                 if cv2.waitKey(1) == 27:  # Esc quits
                     break
+        failed = False
     except KeyboardInterrupt:
+        failed = False
         if not is_camera:
             raise
     finally:
         if sink is not None:
             sink.close()
+            if failed or sink.num_frames == 0:  # no partial or empty (unplayable) output file
+                _remove_quietly(sink.path)
         cap.release()
         if show:
             cv2.destroyAllWindows()
