@@ -55,6 +55,7 @@ __all__ = [
     "ResumableTrainingSampler",
     "TrainingInterrupted",
     "check_output_dir",
+    "check_run_datasets",
     "check_training_weights",
     "create_ddp_model",
     "is_cpu",
@@ -539,6 +540,16 @@ def check_output_dir(cfg):
         raise ConfigError(f"OUTPUT_DIR {out} is not writable")
 
 
+def check_run_datasets(cfg, eval_only):
+    """There is a dataset to run on: ``DATASETS.TRAIN`` for training (else Detectron2's bare
+    ``AssertionError``), ``DATASETS.TEST`` with ``--eval-only`` (else nothing is evaluated and the run
+    exits 0); :class:`ConfigError` otherwise."""
+    if eval_only and not len(cfg.DATASETS.TEST):
+        raise ConfigError("--eval-only needs a dataset in DATASETS.TEST, got none")
+    if not eval_only and not len(cfg.DATASETS.TRAIN):
+        raise ConfigError("training needs a dataset in DATASETS.TRAIN, got none")
+
+
 def check_training_weights(cfg, resume):
     """Before anything is built: a local MODEL.WEIGHTS that training starts from is a file (a missing one
     was fvcore's ``AssertionError`` after the data loader was built). Skipped when ``--resume`` finds
@@ -571,6 +582,7 @@ def train_or_evaluate(cfg, args, trainer_cls):
     from .evaluation import check_evaluators
 
     logging.getLogger("ddetr_d2").info(policy_line())
+    check_run_datasets(cfg, eval_only=args.eval_only)
     if not args.eval_only:
         check_training_weights(cfg, resume=args.resume)
     check_datasets(cfg, eval_only=args.eval_only)

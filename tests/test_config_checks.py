@@ -7,7 +7,7 @@ import torch
 from detectron2.modeling import build_model
 
 from ddetr_d2.config import build_cfg
-from ddetr_d2.engine import check_output_dir, check_training_weights
+from ddetr_d2.engine import check_output_dir, check_run_datasets, check_training_weights
 from ddetr_d2.errors import ConfigError, WeightsError
 from ddetr_d2.solver import build_optimizer
 
@@ -139,3 +139,24 @@ def test_training_weights_checks(tmp_path):
     weights = tmp_path / "w.pth"
     weights.write_bytes(b"x")
     check_training_weights(_cfg("MODEL.WEIGHTS", str(weights), "OUTPUT_DIR", str(out)), resume=False)
+
+
+def test_a_run_needs_a_dataset():
+    both = ["DATASETS.TRAIN", '("a",)', "DATASETS.TEST", '("b",)']
+    check_run_datasets(_cfg(*both), eval_only=False)
+    check_run_datasets(_cfg(*both), eval_only=True)
+    with pytest.raises(ConfigError, match=r"^training needs a dataset in DATASETS.TRAIN, got none$"):
+        check_run_datasets(_cfg(*both, "DATASETS.TRAIN", "()"), eval_only=False)
+    with pytest.raises(ConfigError, match=r"^--eval-only needs a dataset in DATASETS.TEST, got none$"):
+        check_run_datasets(_cfg(*both, "DATASETS.TEST", "()"), eval_only=True)
+    # training without evaluation, evaluation without training data: fine
+    check_run_datasets(_cfg(*both, "DATASETS.TEST", "()"), eval_only=False)
+    check_run_datasets(_cfg(*both, "DATASETS.TRAIN", "()"), eval_only=True)
+
+
+def test_the_demo_model_keeps_the_config_error_naming_the_key():
+    from ddetr_d2.demo.predictor import build_demo_model
+
+    with pytest.raises(ConfigError) as e:
+        build_demo_model(_cfg(D + "NHEADS", "5"))
+    assert str(e.value).startswith(D + "NHEADS (5) must divide"), str(e.value)

@@ -26,11 +26,13 @@ from ddetr_d2.config import setup_cfg
 from ddetr_d2.engine import check_output_dir, run_entry_point, train_or_evaluate
 from ddetr_video.config import add_tracker_config
 from ddetr_video.datasets import register_all
-from ddetr_video.engine import TrackerTrainer
+from ddetr_video.engine import TrackerTrainer, check_run_config
 
 
 def tracker_cfg(args):
-    return setup_cfg(args, add_config_fns=(add_tracker_config,))
+    cfg = setup_cfg(args, add_config_fns=(add_tracker_config,))
+    check_run_config(cfg, eval_only=args.eval_only)
+    return cfg
 
 
 def setup(args):

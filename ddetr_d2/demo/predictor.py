@@ -14,7 +14,7 @@ from detectron2.utils.visualizer import ColorMode, Visualizer
 
 from ddetr_d2.allocator import retain_freed_memory
 from ddetr_d2.checkpoint import load_weights_checked
-from ddetr_d2.errors import ConfigError
+from ddetr_d2.errors import ConfigError, UserError
 from ddetr_d2.modeling.fuse_batchnorm import fuse_batchnorm
 from ddetr_d2.modeling.inference_compile import compile_for_inference
 from ddetr_d2.modeling.onednn_linear import resolve_linear_backend, use_onednn_linears
@@ -44,6 +44,8 @@ def build_demo_model(cfg, allow_mismatch=False):
     """
     try:
         model = build_model(cfg)
+    except UserError:  # already names the key (ddetr_d2.config.check_model_config, ...)
+        raise
     except (KeyError, ValueError, AssertionError) as e:  # registry names, sizes, variant checks
         raise ConfigError(f"cannot build the model from the config: {type(e).__name__}: {e}") from e
     load_weights_checked(model, cfg.MODEL.WEIGHTS, allow_mismatch=allow_mismatch)

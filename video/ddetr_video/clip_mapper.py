@@ -28,6 +28,7 @@ from detectron2.structures import Boxes, BoxMode, Instances
 from ddetr_d2.errors import ConfigError
 
 from .clip_schedule import ClipLengthSchedule
+from .config import check_clip_config
 
 __all__ = ["ClipDatasetMapper", "index_sequences", "sample_clip_indices", "CLIP_INTERVAL_MODES"]
 
@@ -87,6 +88,7 @@ class ClipDatasetMapper:
     def __init__(self, cfg, dataset_names=None, is_train=True, augmentations=None):
         from ddetr_d2.data.dataset_mapper import build_detr_augmentations
 
+        check_clip_config(cfg)
         names = list(dataset_names if dataset_names is not None else cfg.DATASETS.TRAIN)
         dicts = [d for n in names for d in DatasetCatalog.get(n)]
         self.sequences = index_sequences(dicts)

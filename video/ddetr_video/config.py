@@ -1,8 +1,12 @@
 """Config keys of the query-propagation tracker (on top of ``add_deformable_detr_config``)."""
 
+import math
+
 from detectron2.config import CfgNode as CN
 
-__all__ = ["add_tracker_config", "get_tracker_cfg"]
+from ddetr_d2.errors import ConfigError
+
+__all__ = ["add_tracker_config", "get_tracker_cfg", "check_tracker_config", "check_clip_config"]
 
 
 def add_tracker_config(cfg):
@@ -100,6 +104,107 @@ def add_tracker_config(cfg):
     # "per_clip" (MOTR's random_interval): one gap drawn per clip; "per_gap": each gap drawn anew
     cfg.INPUT.CLIP_INTERVAL_MODE = "per_clip"
     return cfg
+
+
+# names accepted by the string-valued keys (the classes that read them check again)
+_CHOICES = {
+    "DETECT_SEES_TRACKS": ("all", "shown", "none"),
+    "REFERENCE": ("box", "point"),
+    "QIM_RESIDUAL": ("previous_query", "decoder_output"),
+    "QIM_INIT": ("xavier", "default"),
+    "FAKE_TRACKS": ("near_track", "top_score"),
+}
+# float keys in [0, 1] (probabilities, scores, IoUs)
+_UNIT_INTERVAL = (
+    "BIRTH_THRESHOLD", "KEEP_THRESHOLD", "DUPLICATE_IOU", "UNSEEN_TRACK_IOU", "TRACK_DUPLICATE_IOU",
+    "REPORT_THRESHOLD", "RANDOM_DROP", "FP_RATIO", "MIN_BIRTH_VISIBILITY",
+)  # fmt: skip
+_BOOLS = (
+    "MATCH_CASCADE", "IOU_CLASS_AWARE", "REBIND_MISSED_TRACKS", "QIM_UPDATE_QUERY_POS", "EXTRA_TRACK_ATTN",
+    "KEEP_ABSENT_TRACKS", "LOSS_COUNTS_ABSENT_TRACKS",
+)  # fmt: skip
+
+
+def _is_int(v):
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v):
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and not math.isnan(v)
+
+
+def check_tracker_config(cfg):
+    """Raise :class:`ConfigError` naming the key and its allowed values for a ``MODEL.TRACKER.*`` value the
+    tracker cannot use (instead of a ``ValueError`` traceback at build time, or a run that silently ignores
+    it, e.g. ``RANDOM_DROP 1.5`` or ``MAX_AGE 0``). ``KEEP_THRESHOLD`` > ``BIRTH_THRESHOLD`` is refused for
+    ``IoUTracker`` / ``QueryIoUTracker`` (a detection under the keep threshold is no candidate, so such a
+    birth threshold would never apply); ``RuntimeTracker`` allows it (a newborn is shown in its birth frame,
+    then needs ``KEEP_THRESHOLD`` to stay shown)."""
+    if "TRACKER" not in cfg.MODEL:
+        raise ConfigError("the config has no MODEL.TRACKER keys (ddetr_video.config.add_tracker_config)")
+    tc = cfg.MODEL.TRACKER
+    key = "MODEL.TRACKER."
+    from .tracking import TRACKER_REGISTRY  # the trackers import torch
+
+    names = sorted(k for k, _ in TRACKER_REGISTRY)
+    if tc.ASSOCIATION not in names:
+        raise ConfigError(
+            f"{key}ASSOCIATION: unknown association {tc.ASSOCIATION!r}, expected one of {names}"
+        )
+    for name in _UNIT_INTERVAL:
+        v = tc[name]
+        if not _is_number(v) or not 0.0 <= v <= 1.0:
+            raise ConfigError(f"{key}{name} must be a number in [0, 1], got {v!r}")
+    if tc.ASSOCIATION in ("IoUTracker", "QueryIoUTracker") and tc.KEEP_THRESHOLD > tc.BIRTH_THRESHOLD:
+        raise ConfigError(
+            f"{key}KEEP_THRESHOLD ({tc.KEEP_THRESHOLD}) must be <= {key}BIRTH_THRESHOLD "
+            f"({tc.BIRTH_THRESHOLD}) with ASSOCIATION {tc.ASSOCIATION}: a detection under KEEP_THRESHOLD is "
+            "no candidate at all, so a lower BIRTH_THRESHOLD would never apply"
+        )
+    v = tc.IOU_MATCH_THRESHOLD
+    if not _is_number(v) or not 0.0 < v <= 1.0:
+        raise ConfigError(f"{key}IOU_MATCH_THRESHOLD must be a number in (0, 1], got {v!r}")
+    v = tc.TRAIN_TRACK_IOU
+    if not _is_number(v) or v >= 1.0:
+        raise ConfigError(
+            f"{key}TRAIN_TRACK_IOU must be a number < 1 (a box IoU is never above 1, so no track would be "
+            f"carried; <= 0: no gate), got {v!r}"
+        )
+    v = tc.QIM_DROPOUT
+    if not _is_number(v) or not 0.0 <= v < 1.0:
+        raise ConfigError(f"{key}QIM_DROPOUT must be a number in [0, 1), got {v!r}")
+    v = tc.MIN_BOX_AREA
+    if not _is_number(v) or v < 0:
+        raise ConfigError(f"{key}MIN_BOX_AREA must be a number >= 0 (pixels^2; 0: off), got {v!r}")
+    for name, low in (("MAX_AGE", 1), ("QIM_DIM_FEEDFORWARD", 1), ("FP_MAX", 0)):
+        v = tc[name]
+        if not _is_int(v) or v < low:
+            raise ConfigError(f"{key}{name} must be an integer >= {low}, got {v!r}")
+    for name, allowed in _CHOICES.items():
+        if tc[name] not in allowed:
+            raise ConfigError(f"{key}{name} must be one of {allowed}, got {tc[name]!r}")
+    for name in _BOOLS:
+        if not isinstance(tc[name], bool):
+            raise ConfigError(f"{key}{name} must be True or False, got {tc[name]!r}")
+
+
+def check_clip_config(cfg):
+    """Raise :class:`ConfigError` naming the key for ``INPUT.CLIP_*`` values the clip sampler cannot use
+    (the length schedule's own rules are :class:`~ddetr_video.clip_schedule.ClipLengthSchedule`'s)."""
+    from .clip_mapper import CLIP_INTERVAL_MODES
+    from .clip_schedule import ClipLengthSchedule
+
+    for name in ("CLIP_LENGTHS", "CLIP_LENGTH_STEPS"):
+        values = cfg.INPUT[name]
+        if not isinstance(values, (list, tuple)) or not all(_is_int(x) for x in values):
+            raise ConfigError(f"INPUT.{name} must be a list of integers, got {values!r}")
+    ClipLengthSchedule.from_config(cfg)
+    v = cfg.INPUT.CLIP_MAX_INTERVAL
+    if not _is_int(v) or v < 1:
+        raise ConfigError(f"INPUT.CLIP_MAX_INTERVAL must be an integer >= 1 (largest gap), got {v!r}")
+    mode = cfg.INPUT.CLIP_INTERVAL_MODE
+    if mode not in CLIP_INTERVAL_MODES:
+        raise ConfigError(f"INPUT.CLIP_INTERVAL_MODE must be one of {CLIP_INTERVAL_MODES}, got {mode!r}")
 
 
 def get_tracker_cfg(config_file=None, opts=(), freeze=False):

@@ -26,7 +26,7 @@ from ddetr_d2.demo.cli import check_threshold, get_demo_parser, run_cli, setup_d
 from ddetr_d2.demo.io import DemoError, open_video, process_video, resolve_video_output
 from ddetr_d2.demo.predictor import demo_metadata
 
-from .config import add_tracker_config
+from .config import add_tracker_config, check_tracker_config
 from .mot_format import write_results_file
 from .predictor import TrackingPredictor
 
@@ -147,6 +147,7 @@ def _run(argv):
         raise DemoError("--track runs the PyTorch tracker: --backend onnxruntime / --onnx-model do not apply")
     check_threshold(args.confidence_threshold)
     cfg = build_cfg(args.config_file, args.opts, add_config_fns=(add_tracker_config,))
+    check_tracker_config(cfg)  # before the model is built: one line naming the key
     return track_video(
         cfg, args.video, args.output, args.confidence_threshold, allow_mismatch=args.allow_mismatch
     )

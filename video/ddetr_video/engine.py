@@ -10,14 +10,26 @@ dataset's ``evaluator_type`` (``"mot"`` -> :class:`~ddetr_video.evaluator.MOTEva
 from detectron2.data import build_detection_train_loader, get_detection_dataset_dicts
 from detectron2.utils import comm
 
-from ddetr_d2.engine import DeformableDetrTrainer
+from ddetr_d2.engine import DeformableDetrTrainer, check_run_datasets
 from ddetr_d2.errors import ConfigError
 
 from . import evaluator  # noqa: F401  (registers evaluator_type "mot")
 from .clip_mapper import ClipDatasetMapper
 from .clip_schedule import ClipLengthSchedule, IterationTaggedSampler, ScheduledClipDataset
+from .config import check_clip_config, check_tracker_config
 
-__all__ = ["TrackerTrainer"]
+__all__ = ["TrackerTrainer", "check_run_config"]
+
+
+def check_run_config(cfg, eval_only=False):
+    """What ``video/train_net.py`` checks before it starts (a :class:`ConfigError` naming the key): the
+    ``MODEL.TRACKER`` keys, the ``INPUT.CLIP_*`` keys (training), and that there is a dataset to run on:
+    ``DATASETS.TRAIN`` for training, ``DATASETS.TEST`` with ``--eval-only`` (else it would evaluate nothing
+    and exit 0)."""
+    check_tracker_config(cfg)
+    check_run_datasets(cfg, eval_only)
+    if not eval_only:
+        check_clip_config(cfg)
 
 
 class TrackerTrainer(DeformableDetrTrainer):

@@ -137,6 +137,8 @@ def compute_tracking_metrics(
         if pred.size and pred.shape[1] < 9:
             pred = np.concatenate([pred, -np.ones((len(pred), 9 - pred.shape[1]))], 1)
         pred = pred.reshape(-1, 9)
+        _check_unique_ids(pred, f"predictions of sequence {seq!r}")
+        _check_unique_ids(g.targets, f"ground truth of sequence {seq!r}")
         gt_by_f = _split_by_frame(g.targets, g.frames)
         dis_by_f = _split_by_frame(g.distractors, g.frames)
         pred_by_f = _split_by_frame(pred, g.frames)
@@ -175,6 +177,20 @@ def compute_tracking_metrics(
     overall = _row(summary.loc["OVERALL"], hota.combine_sequences(hota_res), total_counts)
     overall["MOTP"] = _pooled_motp(summary.loc[names])
     return overall, per_seq
+
+
+def _check_unique_ids(rows: np.ndarray, what: str) -> None:
+    """Raise ValueError if an id occurs twice in one frame: both libraries would count it twice (IDF1 above
+    100 %) instead of refusing it."""
+    if not len(rows):
+        return
+    keys, counts = np.unique(rows[:, [FRAME, ID]].astype(np.int64), axis=0, return_counts=True)
+    if (counts > 1).any():
+        k = int(np.argmax(counts > 1))
+        f, i = keys[k]
+        raise ValueError(
+            f"{what}: track id {i} occurs {counts[k]} times in frame {f} (one box per id and frame)"
+        )
 
 
 def _pooled_motp(per_seq_rows) -> float:

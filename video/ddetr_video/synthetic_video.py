@@ -41,6 +41,8 @@ from typing import Dict, List, Tuple
 
 import numpy as np
 
+from ddetr_d2.errors import ConfigError
+
 from .mot_format import SYNTHETIC_CLASSES, SeqInfo, write_gt_file, write_seqinfo
 from .rasterize import render_objects
 
@@ -80,18 +82,18 @@ class SyntheticVideoConfig:
 
     def __post_init__(self):
         if self.num_objects < 4:
-            raise ValueError(
+            raise ConfigError(
                 f"num_objects must be >= 4 (scripted crossing pair, entry, exit), got {self.num_objects}"
             )
         if self.num_frames < 8:
-            raise ValueError(f"num_frames must be >= 8, got {self.num_frames}")
+            raise ConfigError(f"num_frames must be >= 8, got {self.num_frames}")
         if not 4 <= self.min_size <= self.max_size < min(self.width, self.height) // 2:
-            raise ValueError(
+            raise ConfigError(
                 f"need 4 <= min_size <= max_size < min(width, height) / 2, "
                 f"got {self.min_size}, {self.max_size}"
             )
         if self.extra_crossings < 0 or self.occlusion_frames < 0 or self.camera_motion < 0:
-            raise ValueError(
+            raise ConfigError(
                 "extra_crossings, occlusion_frames and camera_motion must be >= 0, got "
                 f"{self.extra_crossings}, {self.occlusion_frames}, {self.camera_motion}"
             )
@@ -436,6 +438,9 @@ def generate_dataset(
     callers never see a half-written set; if ``root`` already holds a complete set it is reused.
     """
     splits = {"train": 4, "val": 2} if splits is None else dict(splits)
+    for split, n in splits.items():
+        if not isinstance(n, int) or isinstance(n, bool) or n < 0:
+            raise ConfigError(f"synthetic split {split!r}: sequence count must be an integer >= 0, got {n!r}")
     root = os.path.abspath(root)
     recipe = json.dumps({"seed": seed, "splits": splits, "config": _recipe_config(cfg)}, sort_keys=True)
     marker = os.path.join(root, DONE_MARKER)

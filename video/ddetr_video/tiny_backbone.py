@@ -8,7 +8,9 @@ reads from ``MODEL.RESNETS.OUT_FEATURES``) with ``MODEL.TINY_BACKBONE.CHANNELS``
 from detectron2.modeling import BACKBONE_REGISTRY, Backbone, ShapeSpec
 from torch import nn
 
-__all__ = ["TinyConvBackbone", "build_tiny_conv_backbone"]
+from ddetr_d2.errors import ConfigError
+
+__all__ = ["TinyConvBackbone", "build_tiny_conv_backbone", "check_channels"]
 
 
 def _block(cin, cout, stride):
@@ -53,11 +55,22 @@ class TinyConvBackbone(Backbone):
         return {k: self._shapes[k] for k in self._out_features}
 
 
+def check_channels(channels):
+    """Raise :class:`ConfigError` unless ``MODEL.TINY_BACKBONE.CHANNELS`` is 4 integers >= 1 that its
+    GroupNorm (``min(8, c)`` groups) can split: at most 8, or a multiple of 8."""
+    channels = tuple(channels)
+    ok = len(channels) == 4 and all(
+        isinstance(c, int) and not isinstance(c, bool) and c >= 1 and (c <= 8 or c % 8 == 0) for c in channels
+    )
+    if not ok:
+        raise ConfigError(
+            "MODEL.TINY_BACKBONE.CHANNELS needs 4 integers (stem, res3, res4, res5), each in 1..8 or a "
+            f"multiple of 8 (GroupNorm with min(8, c) groups), got {channels}"
+        )
+
+
 @BACKBONE_REGISTRY.register()
 def build_tiny_conv_backbone(cfg, input_shape=None):
     channels = tuple(cfg.MODEL.TINY_BACKBONE.CHANNELS) if "TINY_BACKBONE" in cfg.MODEL else (16, 32, 64, 128)
-    if len(channels) != 4:
-        raise ValueError(
-            f"MODEL.TINY_BACKBONE.CHANNELS needs 4 values (stem, res3, res4, res5), got {channels}"
-        )
+    check_channels(channels)
     return TinyConvBackbone(channels, cfg.MODEL.RESNETS.OUT_FEATURES)

@@ -27,8 +27,7 @@ from detectron2.structures import Boxes, Instances
 from detectron2.utils.registry import Registry
 from torchvision.ops import box_convert, nms
 
-from ddetr_d2.errors import ConfigError
-
+from .config import check_tracker_config
 from .iou_tracker import IoUTracker, assign_track_ids
 from .query_iou_tracker import QueryIoUTracker
 from .runtime_tracker import RuntimeTracker
@@ -46,16 +45,10 @@ TRACKER_REGISTRY.register(QueryIoUTracker)
 
 
 def build_tracker(cfg):
-    """The runtime association named by ``cfg.MODEL.TRACKER.ASSOCIATION``, built from its keys."""
-    name = cfg.MODEL.TRACKER.ASSOCIATION
-    try:
-        cls = TRACKER_REGISTRY.get(name)
-    except KeyError:
-        names = sorted(k for k, _ in TRACKER_REGISTRY)
-        raise ConfigError(
-            f"MODEL.TRACKER.ASSOCIATION: unknown association {name!r}, expected one of {names}"
-        ) from None
-    return cls.from_config(cfg)
+    """The runtime association named by ``cfg.MODEL.TRACKER.ASSOCIATION``, built from its keys (checked
+    first by :func:`~ddetr_video.config.check_tracker_config`: a bad value is a ``ConfigError`` naming it)."""
+    check_tracker_config(cfg)
+    return TRACKER_REGISTRY.get(cfg.MODEL.TRACKER.ASSOCIATION).from_config(cfg)
 
 
 def query_instances(pred_logits, pred_boxes, image_size):
