@@ -48,6 +48,7 @@ from detectron2.utils.logger import setup_logger
 
 from ddetr_d2.checkpoint import load_weights_checked
 from ddetr_d2.config import build_cfg
+from ddetr_d2.engine import TrainingInterrupted
 from ddetr_d2.errors import UserError
 from ddetr_video.config import add_tracker_config
 from ddetr_video.datasets import SYNTHETIC_HARD_CONFIG, SYNTHETIC_SEED, register_synthetic_mot
@@ -112,7 +113,12 @@ def parse_args(argv=None):
         help="torch threads (1: OpenMP spinning on a busy shared CPU is very slow)",
     )
     p.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides KEY VALUE ...")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    counts = (("num_train", 1), ("num_val", 1), ("num_frames", 8), ("num_tune", 0), ("num_hard_val", 0))
+    for flag, low in counts:
+        if getattr(args, flag) < low:
+            p.error(f"--{flag.replace('_', '-')} must be >= {low}, got {getattr(args, flag)}")
+    return args
 
 
 class _BudgetSpent(BaseException):
@@ -280,13 +286,16 @@ def main(argv=None):
     seed_all_rng(args.seed)
     os.makedirs(args.output, exist_ok=True)
     data_root = args.data_root or os.path.join(args.output, "data")
-    train_name, val_name = register_synthetic_mot(
-        root=data_root,
-        cfg=SyntheticVideoConfig(num_frames=args.num_frames),
-        splits={"train": args.num_train, "val": args.num_val},
-        seed=args.data_seed,
-        prefix="bench_mot",
-    )
+    try:
+        train_name, val_name = register_synthetic_mot(
+            root=data_root,
+            cfg=SyntheticVideoConfig(num_frames=args.num_frames),
+            splits={"train": args.num_train, "val": args.num_val},
+            seed=args.data_seed,
+            prefix="bench_mot",
+        )
+    except ValueError as e:  # a set of another recipe at data_root: one line naming it
+        raise UserError(" ".join(str(e).split()) + " (or use another --output / --data-root)") from None
     eval_sets = {"val": val_name}
     if args.num_hard_val > 0:
         hard_cfg = dataclasses.replace(SYNTHETIC_HARD_CONFIG, num_frames=args.num_frames)
@@ -400,3 +409,6 @@ if __name__ == "__main__":
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except TrainingInterrupted as e:  # SIGTERM / Ctrl-C while training: the saved checkpoint, one line
+        print(str(e), file=sys.stderr)
+        sys.exit(e.exit_code)
