@@ -409,6 +409,10 @@ if __name__ == "__main__":
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
-    except TrainingInterrupted as e:  # SIGTERM / Ctrl-C while training: the saved checkpoint, one line
-        print(str(e), file=sys.stderr)
+    except TrainingInterrupted as e:  # SIGTERM / Ctrl-C while training: one line (no --resume here)
+        print(
+            f"interrupted after iteration {e.iteration}: checkpoint saved to {e.path}; this benchmark "
+            "does not resume, run it again to start over",
+            file=sys.stderr,
+        )
         sys.exit(e.exit_code)
