@@ -33,7 +33,10 @@ DETECTRON2_FLAGS = {
     "--dist-url",
 }  # fmt: skip
 
-KEY_RE = re.compile(r"(?<![\w.])((?:MODEL|SOLVER|INPUT|DATASETS|TEST|DATALOADER)(?:\.[A-Z][A-Z0-9_]*)+)")
+# a whole key; a family written with a wildcard (``INPUT.CLIP_*``) is not one
+KEY_RE = re.compile(
+    r"(?<![\w.])((?:MODEL|SOLVER|INPUT|DATASETS|TEST|DATALOADER)(?:\.[A-Z][A-Z0-9_]*)+)(?![\w*])"
+)
 PATH_RE = re.compile(
     r"(?<![\w./-])((?:tools|video|configs|docs|ddetr_d2|tests|csrc|datasets)/[\w./*{},-]*[\w*}])"
 )
