@@ -56,6 +56,7 @@ __all__ = [
     "TrainingInterrupted",
     "check_output_dir",
     "check_run_datasets",
+    "check_training_config",
     "check_training_weights",
     "create_ddp_model",
     "is_cpu",
@@ -550,6 +551,36 @@ def check_run_datasets(cfg, eval_only):
         raise ConfigError("training needs a dataset in DATASETS.TRAIN, got none")
 
 
+def check_training_config(cfg, world_size=1):
+    """Before training: the SOLVER / DATALOADER / TEST values Detectron2's trainer, scheduler and hooks would
+    fail on with a traceback (``ZeroDivisionError`` for ``CHECKPOINT_PERIOD 0``, a bare ``AssertionError`` for
+    ``IMS_PER_BATCH 0``, "Milestone must be smaller..." for a step at ``MAX_ITER``); :class:`ConfigError`
+    naming the key. (The optimizer's own keys are checked where it is built, ``ddetr_d2.solver``.)"""
+    s = cfg.SOLVER
+    for key, value, low in (
+        ("SOLVER.MAX_ITER", s.MAX_ITER, 1),
+        ("SOLVER.IMS_PER_BATCH", s.IMS_PER_BATCH, 1),
+        ("SOLVER.CHECKPOINT_PERIOD", s.CHECKPOINT_PERIOD, 1),
+        ("SOLVER.WARMUP_ITERS", s.WARMUP_ITERS, 0),
+        ("DATALOADER.NUM_WORKERS", cfg.DATALOADER.NUM_WORKERS, 0),
+        ("TEST.EVAL_PERIOD", cfg.TEST.EVAL_PERIOD, 0),
+    ):
+        if not isinstance(value, int) or isinstance(value, bool) or value < low:
+            raise ConfigError(f"{key} must be an integer >= {low}, got {value!r}")
+    if s.IMS_PER_BATCH % world_size:
+        raise ConfigError(
+            f"SOLVER.IMS_PER_BATCH {s.IMS_PER_BATCH} is not divisible by the {world_size} processes"
+        )
+    steps = list(s.STEPS)
+    if any(not isinstance(x, int) or x < 1 for x in steps) or steps != sorted(set(steps)):
+        raise ConfigError(f"SOLVER.STEPS must be increasing iterations >= 1, got {tuple(steps)}")
+    if s.MAX_ITER in steps:
+        raise ConfigError(
+            f"SOLVER.STEPS {tuple(steps)} has a step at SOLVER.MAX_ITER {s.MAX_ITER}: a step must come "
+            "before the last iteration (steps after it are ignored)"
+        )
+
+
 def check_training_weights(cfg, resume):
     """Before anything is built: a local MODEL.WEIGHTS that training starts from is a file (a missing one
     was fvcore's ``AssertionError`` after the data loader was built). Skipped when ``--resume`` finds
@@ -584,6 +615,7 @@ def train_or_evaluate(cfg, args, trainer_cls):
     logging.getLogger("ddetr_d2").info(policy_line())
     check_run_datasets(cfg, eval_only=args.eval_only)
     if not args.eval_only:
+        check_training_config(cfg, world_size=comm.get_world_size())
         check_training_weights(cfg, resume=args.resume)
     check_datasets(cfg, eval_only=args.eval_only)
     check_evaluators(cfg)

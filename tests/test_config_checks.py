@@ -7,7 +7,12 @@ import torch
 from detectron2.modeling import build_model
 
 from ddetr_d2.config import build_cfg
-from ddetr_d2.engine import check_output_dir, check_run_datasets, check_training_weights
+from ddetr_d2.engine import (
+    check_output_dir,
+    check_run_datasets,
+    check_training_config,
+    check_training_weights,
+)
 from ddetr_d2.errors import ConfigError, WeightsError
 from ddetr_d2.solver import build_optimizer
 
@@ -160,3 +165,37 @@ def test_the_demo_model_keeps_the_config_error_naming_the_key():
     with pytest.raises(ConfigError) as e:
         build_demo_model(_cfg(D + "NHEADS", "5"))
     assert str(e.value).startswith(D + "NHEADS (5) must divide"), str(e.value)
+
+
+@pytest.mark.parametrize(
+    "opts, message",
+    [
+        (["SOLVER.MAX_ITER", "0"], "SOLVER.MAX_ITER must be an integer >= 1, got 0"),
+        (["SOLVER.IMS_PER_BATCH", "0"], "SOLVER.IMS_PER_BATCH must be an integer >= 1, got 0"),
+        (["SOLVER.CHECKPOINT_PERIOD", "0"], "SOLVER.CHECKPOINT_PERIOD must be an integer >= 1, got 0"),
+        (["SOLVER.WARMUP_ITERS", "-1"], "SOLVER.WARMUP_ITERS must be an integer >= 0, got -1"),
+        (["DATALOADER.NUM_WORKERS", "-1"], "DATALOADER.NUM_WORKERS must be an integer >= 0, got -1"),
+        (["TEST.EVAL_PERIOD", "-1"], "TEST.EVAL_PERIOD must be an integer >= 0, got -1"),
+        (["SOLVER.STEPS", "(5, 2)"], "SOLVER.STEPS must be increasing iterations >= 1, got (5, 2)"),
+        (["SOLVER.STEPS", "(0,)"], "SOLVER.STEPS must be increasing iterations >= 1, got (0,)"),
+        (["SOLVER.MAX_ITER", "15"], "SOLVER.STEPS (15,) has a step at SOLVER.MAX_ITER 15"),
+    ],
+)
+def test_training_values_trainer_would_fail_on_are_config_errors(opts, message):
+    with pytest.raises(ConfigError) as e:
+        check_training_config(_cfg(*opts))
+    assert str(e.value).startswith(message), str(e.value)
+
+
+def test_training_values_that_are_fine():
+    check_training_config(_cfg())  # tiny_test.yaml: MAX_ITER 20, STEPS (15,)
+    check_training_config(_cfg("SOLVER.MAX_ITER", "2"))  # steps after MAX_ITER are ignored (Detectron2)
+    check_training_config(_cfg("SOLVER.STEPS", "()", "SOLVER.WARMUP_ITERS", "0", "TEST.EVAL_PERIOD", "0"))
+    with pytest.raises(ConfigError, match="IMS_PER_BATCH 2 is not divisible by the 3 processes"):
+        check_training_config(_cfg("SOLVER.IMS_PER_BATCH", "2"), world_size=3)
+
+
+def test_optimizer_settings_are_config_errors():
+    model = build_model(_cfg())
+    with pytest.raises(ConfigError, match=r"^SOLVER.CLIP_GRADIENTS.CLIP_VALUE must be > 0, got -1.0$"):
+        build_optimizer(_cfg("SOLVER.CLIP_GRADIENTS.CLIP_VALUE", "-1.0"), model)

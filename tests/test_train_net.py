@@ -430,6 +430,7 @@ def test_bad_dataset_stops_before_the_model_is_built(tmp_path):
         (["SOLVER.AMP.ENABLED", "True"], "error: SOLVER.AMP.ENABLED=True needs a CUDA device"),
         (["SOLVER.TIME_BUDGET_SECONDS", "-5"], "error: SOLVER.TIME_BUDGET_SECONDS must be >= 0"),
         (["MODEL.DEFORMABLE_DETR.NHEADS", "5"], "error: MODEL.DEFORMABLE_DETR.NHEADS (5) must divide"),
+        (["SOLVER.CHECKPOINT_PERIOD", "0"], "error: SOLVER.CHECKPOINT_PERIOD must be an integer >= 1"),
         (["MODEL.WEIGHTS", "{tmp}/missing.pth"], "error: MODEL.WEIGHTS {tmp}/missing.pth not found"),
         (["OUTPUT_DIR", "{tmp}/a_file"], "error: OUTPUT_DIR {tmp}/a_file is a file"),
         (["OUTPUT_DIR", "{tmp}/a_file/out"], "error: OUTPUT_DIR {tmp}/a_file/out cannot be created"),
