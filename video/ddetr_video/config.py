@@ -106,14 +106,6 @@ def add_tracker_config(cfg):
     return cfg
 
 
-# names accepted by the string-valued keys (the classes that read them check again)
-_CHOICES = {
-    "DETECT_SEES_TRACKS": ("all", "shown", "none"),
-    "REFERENCE": ("box", "point"),
-    "QIM_RESIDUAL": ("previous_query", "decoder_output"),
-    "QIM_INIT": ("xavier", "default"),
-    "FAKE_TRACKS": ("near_track", "top_score"),
-}
 # float keys in [0, 1] (probabilities, scores, IoUs)
 _UNIT_INTERVAL = (
     "BIRTH_THRESHOLD", "KEEP_THRESHOLD", "DUPLICATE_IOU", "UNSEEN_TRACK_IOU", "TRACK_DUPLICATE_IOU",
@@ -180,7 +172,19 @@ def check_tracker_config(cfg):
         v = tc[name]
         if not _is_int(v) or v < low:
             raise ConfigError(f"{key}{name} must be an integer >= {low}, got {v!r}")
-    for name, allowed in _CHOICES.items():
+    from .qim import QIM_INITS, QIM_RESIDUALS
+    from .runtime_tracker import DETECT_SEES
+    from .tracker_model import FAKE_TRACKS, REFERENCES
+
+    # the names the modules that read these keys accept
+    choices = {
+        "DETECT_SEES_TRACKS": DETECT_SEES,
+        "REFERENCE": REFERENCES,
+        "QIM_RESIDUAL": QIM_RESIDUALS,
+        "QIM_INIT": QIM_INITS,
+        "FAKE_TRACKS": FAKE_TRACKS,
+    }
+    for name, allowed in choices.items():
         if tc[name] not in allowed:
             raise ConfigError(f"{key}{name} must be one of {allowed}, got {tc[name]!r}")
     for name in _BOOLS:

@@ -47,6 +47,9 @@ from .tracking import associate_detections, build_tracker, query_instances
 
 __all__ = ["QueryTracker"]
 
+REFERENCES = ("box", "point")  # MODEL.TRACKER.REFERENCE
+FAKE_TRACKS = ("near_track", "top_score")  # MODEL.TRACKER.FAKE_TRACKS
+
 
 @META_ARCH_REGISTRY.register()
 class QueryTracker(DeformableDETR):
@@ -119,7 +122,7 @@ class QueryTracker(DeformableDETR):
             residual=qim_residual,
             init=qim_init,
         )
-        if reference not in ("box", "point"):
+        if reference not in REFERENCES:
             raise ConfigError(f"MODEL.TRACKER.REFERENCE must be 'box' or 'point', got {reference!r}")
         self.reference = reference
         # learned initial box size of each detect query, logits; starts at 0.1 of the image
@@ -136,7 +139,7 @@ class QueryTracker(DeformableDETR):
         self.fp_ratio, self.fp_max = fp_ratio, fp_max
         self.train_track_iou = train_track_iou
         self.min_box_area = min_box_area
-        if fake_tracks not in ("near_track", "top_score"):
+        if fake_tracks not in FAKE_TRACKS:
             raise ConfigError(
                 f"MODEL.TRACKER.FAKE_TRACKS must be 'near_track' or 'top_score', got {fake_tracks!r}"
             )
